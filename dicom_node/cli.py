@@ -1,0 +1,250 @@
+"""``spinemed-node``: the one command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.config import NodeConfig, load_config
+from dicom_node.errors import ConfigError, NodeError
+from dicom_node.log import configure_logging
+
+__all__ = ["main"]
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    return load_config(getattr(args, "config", None))
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=os.environ.get("SPINEMED_CONFIG"),
+                   help="TOML config file (default: $SPINEMED_CONFIG, else embedded defaults)")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.node import run_serve
+
+    return run_serve(_config(args), args.config, ready_file=args.ready_file)
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from dicom_node.node import ReceivingNode
+
+    node = ReceivingNode(_config(args))
+    node.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.node import run_worker
+
+    parent = os.environ.get("SPINEMED_PARENT_PID")
+    return run_worker(_config(args), parent_pid=int(parent) if parent else None)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dicom_node.pipeline import Pipeline, output_kind
+    from dicom_node.worker import write_dataset_atomic
+    from inference.study import load_study
+
+    config = _config(args)
+    if args.data_dir is not None:
+        config.node.data_dir = args.data_dir
+    study = load_study(args.paths)
+    outcome = Pipeline(config).run(study)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if outcome.skipped_reason:
+        print(f"skipped: {outcome.skipped_reason}")
+        return 3
+    assert outcome.findings is not None
+    (args.out / "findings.json").write_text(outcome.findings.model_dump_json(indent=2))
+    for ds in outcome.datasets:
+        path = args.out / f"{output_kind(ds)}-{ds.SOPInstanceUID}.dcm"
+        write_dataset_atomic(ds, path)
+        print(path)
+    levels = ", ".join(f"{f.level} {f.finding.value} ({f.severity.value})" for f in outcome.findings.levels)
+    print(f"levels: {levels or '(none reported)'}")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.seconds.items()))
+    if outcome.findings.model.demo:
+        print("demo model — not for clinical use")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node.store import JobState, SQLiteJobStore
+
+    config = _config(args)
+    if not config.db_path.exists():
+        print(f"no job store at {config.db_path}", file=sys.stderr)
+        return 1
+    store = SQLiteJobStore(config.db_path)
+    try:
+        if args.action == "list":
+            states = [JobState(s) for s in args.state] if args.state else []
+            rows = store.jobs(states)
+            if args.json:
+                print(json.dumps([_job_dict(j) for j in rows], indent=2))
+            else:
+                print(f"{'id':>5}  {'state':<10} {'rev':>3} {'inst':>5}  {'updated':<19}  reason")
+                for j in rows:
+                    upd = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.updated_at))
+                    print(f"{j.id:>5}  {j.state.value:<10} {j.revision:>3} {j.instance_count:>5}  {upd}  {j.reason or ''}")
+        elif args.action == "show":
+            job = store.get(args.id)
+            d = _job_dict(job)
+            d["outputs"] = [o.__dict__ for o in store.outputs(job.study_instance_uid)]
+            d["deliveries"] = [x.__dict__ for x in store.deliveries(job.study_instance_uid)]
+            d["events"] = store.events(job.study_instance_uid)
+            print(json.dumps(d, indent=2, default=str))
+        elif args.action == "retry":
+            job = store.retry(args.id)
+            print(f"job {job.id}: {job.state.value}")
+    finally:
+        store.close()
+    return 0
+
+
+def _job_dict(j: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    d = asdict(j)  # type: ignore[call-overload]
+    d["state"] = str(d["state"])
+    return d  # type: ignore[no-any-return]
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.config import DestinationConfig
+    from dicom_node.export import echo
+
+    config = _config(args)
+    if args.host:
+        targets = [DestinationConfig(name="cli", ae_title=args.ae_title, host=args.host, port=args.port)]
+    elif args.destination:
+        targets = [d for d in config.destinations if d.name == args.destination]
+        if not targets:
+            raise ConfigError(f"destinations: no destination named {args.destination!r}")
+    else:
+        targets = list(config.destinations)
+        if not targets:
+            targets = [DestinationConfig(name="self", ae_title=config.node.ae_title, host="127.0.0.1",
+                                         port=config.node.port or 11112)]
+    rc = 0
+    for t in targets:
+        ok, msg = echo(t, calling_ae=config.node.ae_title)
+        print(f"{t.name} ({t.ae_title}@{t.host}:{t.port}): {msg}")
+        rc |= 0 if ok else 1
+    return rc
+
+
+def cmd_build_demo_model(args: argparse.Namespace) -> int:
+    from inference.demo_model import build_demo_model
+
+    path = build_demo_model(args.dir, seed=args.seed)
+    print(f"{path} (demo — not for clinical use)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicom_node.demo import run_demo
+
+    return run_demo(workdir=args.workdir, kind=args.kind, keep_running=args.keep_running)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"spinemed-node {__version__}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spinemed-node",
+        description="On-premise DICOM node: spine studies in, per-level DICOM Structured Reports out.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("SPINEMED_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the listener and the worker (the normal service)")
+    _add_config(p)
+    p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("receive", help="run only the listener and completeness monitor (systemd split)")
+    _add_config(p)
+    p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("worker", help="run only the worker: load the model once, work the job queue")
+    _add_config(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("analyze", help="run the whole pipeline on files, no network; write results to --out")
+    _add_config(p)
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders of one study")
+    p.add_argument("--out", type=Path, required=True, help="folder for the SR objects and findings.json")
+    p.add_argument("--data-dir", type=Path, help="where models are built/cached (default: node.data_dir)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("demo", help="node + synthetic study over DICOM → SR written and shown (demo model)")
+    p.add_argument("--workdir", type=Path, default=Path(".demo"), help="demo data folder (default: ./.demo)")
+    p.add_argument("--kind", choices=["mr", "ct", "xr"], default="mr", help="synthetic study to send")
+    p.add_argument("--keep-running", action="store_true", help="leave the node running after the demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("jobs", help="list, show or retry jobs")
+    jsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = jsub.add_parser("list", help="one line per job")
+    q.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    q.add_argument("--json", action="store_true")
+    q = jsub.add_parser("show", help="one job with its outputs, deliveries and history")
+    q.add_argument("id", type=int)
+    q = jsub.add_parser("retry", help="bring a failed or skipped job back")
+    q.add_argument("id", type=int)
+    for q in jsub.choices.values():
+        _add_config(q)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("echo", help="C-ECHO the configured destinations (or --host/--port)")
+    _add_config(p)
+    p.add_argument("--destination", help="only this configured destination")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, default=104)
+    p.add_argument("--ae-title", default="ANY-SCP")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("build-demo-model", help="build the tiny random demo model (demo — not for clinical use)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build_demo_model)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"spinemed-node: {exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:
+        print(f"spinemed-node: {exc}", file=sys.stderr)
+        return 1

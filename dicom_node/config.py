@@ -1,0 +1,315 @@
+"""The node's configuration: one TOML file, validated, with environment overrides.
+
+Precedence: keyword arguments > environment (``SPINEMED_<TABLE>__<KEY>``, e.g.
+``SPINEMED_NODE__PORT=11113``) > the TOML file > defaults.  Every key is documented in
+``docs/config.example.toml``.  Errors name the offending key (``node.port: ...``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from dicom_node.errors import ConfigError
+from inference.settings import ModelSettings
+
+__all__ = [
+    "CompletenessConfig",
+    "DestinationConfig",
+    "ExportConfig",
+    "NodeConfig",
+    "NodeSection",
+    "OutputConfig",
+    "RoutingConfig",
+    "RoutingRule",
+    "WorkerConfig",
+    "load_config",
+]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable ASCII characters, no backslash, not all spaces")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSection(_Section):
+    """``[node]``: the listener."""
+
+    ae_title: str = "SPINEMED"
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port")
+    data_dir: Path = Path("/var/lib/spinemed-node")
+    max_associations: int = Field(default=32, ge=1, le=512)
+    allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = any")
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    min_free_disk_mb: int = Field(default=1024, ge=0, description="refuse instances below this")
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae(a) for a in v]
+
+
+class CompletenessConfig(_Section):
+    """``[completeness]``: when a study counts as fully received."""
+
+    quiet_seconds: float = Field(default=60.0, ge=0, description="no new instance for this long")
+    force_seconds: float = Field(default=1800.0, gt=0, description="complete anyway after this long")
+    required_series: list[str] = Field(
+        default_factory=list, description="regexes on series description that must all be present"
+    )
+    check_interval_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("required_series")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            re.compile(pattern)
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> CompletenessConfig:
+        if self.force_seconds < self.quiet_seconds:
+            raise ValueError("force_seconds: must not be shorter than quiet_seconds")
+        return self
+
+
+Orientation = Literal["sagittal", "coronal", "axial", "projection", "any"]
+
+
+class RoutingRule(_Section):
+    """One ``[[routing.rules]]`` entry: a series feeds the model when it matches any rule."""
+
+    name: str
+    modalities: list[str] = Field(min_length=1)
+    body_parts: list[str] = Field(
+        default_factory=list, description="Body Part Examined values (case-insensitive)"
+    )
+    description_patterns: list[str] = Field(
+        default_factory=list, description="regexes on study/series description / protocol name"
+    )
+    exclude_description_patterns: list[str] = Field(default_factory=list)
+    orientations: list[Orientation] = Field(default_factory=lambda: ["any"])
+
+    @field_validator("description_patterns", "exclude_description_patterns")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+        return v
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [s.strip().upper() for s in v]
+
+
+def _default_rules() -> list[RoutingRule]:
+    spine_words = r"(?i)(spine|spinal|lumbar|thoracic|cervical|l-?spine|t-?spine|c-?spine|lws|bws|hws|scoli)"
+    body_parts = ["SPINE", "LSPINE", "TSPINE", "CSPINE", "WHOLESPINE", "SSPINE", "COCCYX", "SACRUM"]
+    return [
+        RoutingRule(
+            name="spine MR",
+            modalities=["MR"],
+            body_parts=body_parts,
+            description_patterns=[spine_words],
+            exclude_description_patterns=[r"(?i)(localizer|scout|survey|3-?plane)"],
+            orientations=["sagittal", "axial"],
+        ),
+        RoutingRule(
+            name="spine CT",
+            modalities=["CT"],
+            body_parts=body_parts,
+            description_patterns=[spine_words],
+            exclude_description_patterns=[r"(?i)(localizer|scout|topogram|dose)"],
+            orientations=["axial"],
+        ),
+        RoutingRule(
+            name="spine radiograph",
+            modalities=["CR", "DX"],
+            body_parts=body_parts,
+            description_patterns=[spine_words],
+            orientations=["any"],
+        ),
+    ]
+
+
+class RoutingConfig(_Section):
+    """``[routing]``: which series feed the model."""
+
+    dry_run: bool = Field(default=False, description="run the model and write results, export nothing")
+    rules: list[RoutingRule] = Field(default_factory=_default_rules)
+
+
+class DestinationConfig(_Section):
+    """One ``[[destinations]]`` entry: a C-STORE SCP that receives our results."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class ExportConfig(_Section):
+    """``[export]``: delivery retries."""
+
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    backoff_initial_s: float = Field(default=5.0, ge=0)
+    backoff_max_s: float = Field(default=900.0, ge=0)
+    calling_ae_title: str | None = Field(default=None, description="default: node.ae_title")
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class OutputConfig(_Section):
+    """``[output]``: the DICOM objects we write."""
+
+    institution_name: str | None = None
+    institution_department_name: str | None = None
+    series_number: int = Field(default=9901, ge=1)
+    key_image: bool = True
+    uid_prefix: str | None = Field(default=None, description="site UID root ending in '.'")
+
+    @field_validator("uid_prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and (not re.fullmatch(r"[0-9.]+\.", v) or len(v) > 40):
+            raise ValueError("must be digits and dots, end with '.', at most 40 characters")
+        return v
+
+
+class WorkerConfig(_Section):
+    """``[worker]``: the job loop."""
+
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    lease_seconds: float = Field(default=1800.0, gt=0, description="a job claimed longer is reclaimed")
+
+
+_TOML_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_TOML_PATH", default=None)
+
+
+class NodeConfig(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPINEMED_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    completeness: CompletenessConfig = Field(default_factory=CompletenessConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _TOML_PATH.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destinations: duplicate name(s) {', '.join(dupes)}")
+        return self
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.node.data_dir / "outputs"
+
+    @property
+    def db_path(self) -> Path:
+        return self.node.data_dir / "jobs.sqlite3"
+
+    @property
+    def model_dir(self) -> Path:
+        if self.model.path is not None:
+            return self.model.path
+        return self.node.data_dir / "models" / "demo"
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{got_s}")
+    return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
+    """Load and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        A TOML file; ``None`` for the embedded defaults (plus environment overrides).
+    **overrides
+        Top-level tables given in code (tests, the demo), e.g. ``node={"port": 0}``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not TOML, or a value is invalid.  The message names each bad key.
+    """
+    toml_path: Path | None = None
+    if path is not None:
+        toml_path = Path(path)
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {toml_path} does not exist")
+        try:
+            with toml_path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {toml_path} is not valid TOML: {exc}") from exc
+    token = _TOML_PATH.set(toml_path)
+    try:
+        return NodeConfig(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(toml_path) if toml_path else "defaults/environment")) from exc
+    finally:
+        _TOML_PATH.reset(token)
