@@ -1,0 +1,360 @@
+"""Coded concepts used by the SpineMed SR templates.
+
+Standard codes come from :data:`pydicom.sr.codedict.codes` (SNOMED CT ``SCT``, DICOM ``DCM``,
+UCUM, LOINC ``LN``).  Where no standard code is available in the DICOM content mapping resource
+(findings such as disc herniation, transitional vertebrae, the S1 vertebra, SpineMed report
+sections, region-specific imaging procedures), concepts come from one private coding scheme,
+:data:`SCHEME_DESIGNATOR` (``99SPINEMED``), declared in every SR's Coding Scheme Identification
+Sequence and documented in ``docs/codes.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from inference.findings import (
+    VERTEBRAE,
+    FindingType,
+    ImagePlane,
+    Laterality,
+    MeasurementType,
+    Severity,
+    is_segment,
+    normalise_level,
+)
+
+__all__ = [
+    "FINDING_CODES",
+    "LATERALITY_CODES",
+    "MEASUREMENT_CODES",
+    "MEASUREMENT_FINDING",
+    "MEYERDING_GRADE_CODES",
+    "NARRATIVE_SECTIONS",
+    "SCHEME_DESIGNATOR",
+    "SCHEME_NAME",
+    "SCHEME_VERSION",
+    "SEVERITY_CODES",
+    "SpineCodes",
+    "coding_scheme_identification",
+    "finding_for_code",
+    "is_private",
+    "level_code",
+    "level_for_code",
+    "private_code",
+    "procedure_code",
+    "unit_code",
+]
+
+#: Designator of our private coding scheme (PS3.16 8.2: private designators start with ``99``).
+SCHEME_DESIGNATOR = "99SPINEMED"
+SCHEME_NAME = "SpineMed node private concepts"
+SCHEME_VERSION = "1"
+_RESPONSIBLE = "SpineMed node maintainers (see docs/codes.md)"
+
+
+def private_code(value: str, meaning: str) -> Code:
+    """A concept of the private ``99SPINEMED`` scheme."""
+    return Code(value, SCHEME_DESIGNATOR, meaning)
+
+
+def is_private(code: Code | CodedConcept) -> bool:
+    """True where ``code`` belongs to the private ``99SPINEMED`` scheme."""
+    return str(code.scheme_designator) == SCHEME_DESIGNATOR
+
+
+def coding_scheme_identification() -> list[CodingSchemeIdentificationItem]:
+    """Items of the Coding Scheme Identification Sequence (0008,0110) for our SR objects."""
+    return [
+        CodingSchemeIdentificationItem(
+            designator=SCHEME_DESIGNATOR,
+            name=SCHEME_NAME,
+            version=SCHEME_VERSION,
+            responsible_organization=_RESPONSIBLE,
+        )
+    ]
+
+
+class SpineCodes:
+    """Concept names used by the templates (standard where one exists, else private)."""
+
+    # --- TID 1500 / 1501 / 300 structure (standard)
+    FINDING = codes.DCM.Finding  # 121071
+    FINDING_SITE = codes.SCT.FindingSite  # 363698007
+    SEVERITY = codes.SCT.Severity  # 246112005
+    LATERALITY = codes.SCT.Laterality  # 272741003
+    TOPOGRAPHICAL_MODIFIER = codes.SCT.TopographicalModifier  # 106233006
+    COMMENT = codes.DCM.Comment  # 121106
+    IMAGE_REGION = codes.DCM.ImageRegion  # 111030
+    SOURCE_IMAGE = codes.DCM.SourceImage  # 121324
+    SOURCE_IMAGE_FOR_PROCESSING = codes.DCM.SourceImageForImageProcessingOperation  # 121322
+    KEY_IMAGES = codes.DCM.KeyImages  # 121180
+    OF_INTEREST = codes.DCM.OfInterest  # 113000
+    PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # 109102
+    DEVICE = codes.DCM.Device  # 121007
+    QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+    SUPERIOR = codes.SCT.Superior  # upper end vertebra of a Cobb angle
+    INFERIOR = codes.SCT.Inferior  # lower end vertebra of a Cobb angle
+    MIDLINE = codes.SCT.Midline  # "central" laterality of a disc finding
+
+    # --- private: what the standard code sets (as carried by pydicom) lack
+    MEYERDING_GRADE = private_code("MEYERDING", "Meyerding grade")
+    LOCALISATION = private_code("LOCALISATION", "Localisation by the algorithm")
+    LOCALISED_POINT = private_code("LOC-POINT", "Localised at a point")
+    NOT_LOCALISED = private_code("LOC-NONE", "Image given, not localised by the algorithm")
+    NO_IMAGE_EVIDENCE = private_code("LOC-NOIMAGE", "No supporting image given by the algorithm")
+    TRANSITIONAL = private_code("TRANSITIONAL", "Transitional vertebral anatomy")
+    DEMO_WARNING = private_code("DEMO", "Demo model output - not for clinical use")
+
+    # --- narrative report (TID 2000-like)
+    DIAGNOSTIC_IMAGING_REPORT = codes.LN.DiagnosticImagingReport  # 18748-4
+
+
+# ------------------------------------------------------------------------------------------ levels
+def _vertebra_keyword(name: str) -> str:
+    return f"{name}Vertebra"
+
+
+def _disc_keyword(segment: str) -> str:
+    upper, lower = segment.split("-")
+    return f"{upper}{lower}Disc"
+
+
+def _build_level_codes() -> dict[str, Code]:
+    from inference.findings import LEVELS
+
+    table: dict[str, Code] = {}
+    for level in LEVELS:
+        keyword = _disc_keyword(level) if is_segment(level) else _vertebra_keyword(level)
+        try:
+            table[level] = getattr(codes.SCT, keyword)
+        except AttributeError:
+            if is_segment(level):
+                upper, lower = level.split("-")
+                meaning = f"{upper}/{lower} disc"
+            else:
+                meaning = f"{level} vertebra"
+            table[level] = private_code(f"LEVEL-{level}", meaning)
+    return table
+
+
+_LEVEL_CODES: Mapping[str, Code] = MappingProxyType(_build_level_codes())
+_CODE_LEVELS: Mapping[tuple[str, str], str] = MappingProxyType(
+    {(c.scheme_designator, c.value): level for level, c in _LEVEL_CODES.items()}
+)
+
+
+def level_code(level: str) -> Code:
+    """The anatomic code of a vertebra (``"L4"``) or disc / motion segment (``"L4-L5"``).
+
+    SNOMED CT from the DICOM content mapping resource where it exists; ``99SPINEMED`` for
+    transitional anatomy (``T13``, ``L6``, ...), ``S1`` and ``C1-C2``.
+
+    Raises
+    ------
+    TypeError
+        ``level`` is not a ``str``.
+    inference.findings.LevelError
+        ``level`` is not a vertebra or motion segment.
+    """
+    return _LEVEL_CODES[normalise_level(level)]
+
+
+def level_for_code(code: Code | CodedConcept) -> str:
+    """Inverse of :func:`level_code`.
+
+    Raises
+    ------
+    KeyError
+        ``code`` is not the code of a level.
+    """
+    return _CODE_LEVELS[(str(code.scheme_designator), str(code.value))]
+
+
+# ------------------------------------------------------------------------------------------ findings
+FINDING_CODES: Mapping[FindingType, Code] = MappingProxyType(
+    {
+        FindingType.DISC_HERNIATION: private_code("DISC-HERNIATION", "Disc herniation"),
+        FindingType.DISC_BULGE: private_code("DISC-BULGE", "Disc bulge"),
+        FindingType.DEGENERATIVE_DISC_DISEASE: private_code("DDD", "Degenerative disc disease"),
+        FindingType.SPINAL_CANAL_STENOSIS: private_code("CANAL-STENOSIS", "Spinal canal stenosis"),
+        FindingType.FORAMINAL_STENOSIS: private_code("FORAMEN-STENOSIS", "Foraminal stenosis"),
+        FindingType.MODIC_CHANGE: private_code("MODIC", "Modic endplate change"),
+        FindingType.SPONDYLOLISTHESIS: private_code("LISTHESIS", "Spondylolisthesis"),
+        FindingType.VERTEBRAL_FRACTURE: private_code("VB-FRACTURE", "Vertebral fracture"),
+        FindingType.SCOLIOSIS: private_code("SCOLIOSIS", "Scoliosis"),
+        FindingType.NO_ABNORMALITY: codes.DCM.NoAbnormality,  # 111286
+    }
+)
+_CODE_FINDINGS: Mapping[tuple[str, str], FindingType] = MappingProxyType(
+    {(c.scheme_designator, c.value): f for f, c in FINDING_CODES.items()}
+)
+
+
+def finding_for_code(code: Code | CodedConcept) -> FindingType:
+    """Inverse of :data:`FINDING_CODES`.
+
+    Raises
+    ------
+    KeyError
+        ``code`` is not one of our finding codes.
+    """
+    return _CODE_FINDINGS[(str(code.scheme_designator), str(code.value))]
+
+
+SEVERITY_CODES: Mapping[Severity, Code] = MappingProxyType(
+    {
+        Severity.NONE: private_code("SEVERITY-NONE", "None"),
+        Severity.MILD: codes.SCT.Mild,  # 255604002
+        Severity.MODERATE: codes.SCT.Moderate,  # 6736007
+        Severity.SEVERE: codes.SCT.Severe,  # 24484000
+    }
+)
+
+_ROMAN = ("I", "II", "III", "IV", "V")
+MEYERDING_GRADE_CODES: Mapping[int, Code] = MappingProxyType(
+    {g: private_code(f"MEYERDING-{g}", f"Meyerding grade {_ROMAN[g - 1]}") for g in range(1, 6)}
+)
+
+#: Laterality codes; ``CENTRAL`` is not a laterality and is coded as a topographical modifier.
+LATERALITY_CODES: Mapping[Laterality, Code] = MappingProxyType(
+    {
+        Laterality.LEFT: codes.SCT.Left,  # 7771000
+        Laterality.RIGHT: codes.SCT.Right,  # 24028007
+        Laterality.BILATERAL: codes.SCT.Bilateral,  # 51440002
+        Laterality.CENTRAL: codes.SCT.Midline,  # 261129000
+    }
+)
+
+# ------------------------------------------------------------------------------------------ measurements
+MEASUREMENT_CODES: Mapping[MeasurementType, Code] = MappingProxyType(
+    {
+        MeasurementType.COBB_ANGLE: codes.SCT.CobbAngle,  # 285285000
+        MeasurementType.SLIP_PERCENTAGE: private_code("SLIP-PCT", "Vertebral slip percentage"),
+        MeasurementType.SLIP_DISTANCE: private_code("SLIP-MM", "Vertebral slip distance"),
+        MeasurementType.CANAL_AP_DIAMETER: private_code("CANAL-AP", "Spinal canal anteroposterior diameter"),
+        MeasurementType.DISC_HEIGHT: private_code("DISC-HEIGHT", "Intervertebral disc height"),
+        MeasurementType.VERTEBRAL_HEIGHT_LOSS: private_code("VB-HEIGHT-LOSS", "Vertebral body height loss"),
+    }
+)
+
+#: The finding each measurement type normally belongs to (used to re-associate on reading).
+MEASUREMENT_FINDING: Mapping[MeasurementType, frozenset[FindingType]] = MappingProxyType(
+    {
+        MeasurementType.COBB_ANGLE: frozenset({FindingType.SCOLIOSIS}),
+        MeasurementType.SLIP_PERCENTAGE: frozenset({FindingType.SPONDYLOLISTHESIS}),
+        MeasurementType.SLIP_DISTANCE: frozenset({FindingType.SPONDYLOLISTHESIS}),
+        MeasurementType.CANAL_AP_DIAMETER: frozenset(
+            {FindingType.SPINAL_CANAL_STENOSIS, FindingType.DISC_HERNIATION, FindingType.DISC_BULGE}
+        ),
+        MeasurementType.DISC_HEIGHT: frozenset(
+            {FindingType.DEGENERATIVE_DISC_DISEASE, FindingType.DISC_BULGE, FindingType.DISC_HERNIATION}
+        ),
+        MeasurementType.VERTEBRAL_HEIGHT_LOSS: frozenset({FindingType.VERTEBRAL_FRACTURE}),
+    }
+)
+
+_UNITS: Mapping[str, Code] = MappingProxyType(
+    {
+        "deg": codes.UCUM.Degree,
+        "%": codes.UCUM.Percent,
+        "mm": codes.UCUM.Millimeter,
+    }
+)
+
+
+def unit_code(unit: str) -> Code:
+    """The UCUM code of ``unit`` (``deg``, ``%``, ``mm``).
+
+    Raises
+    ------
+    ValueError
+        ``unit`` is not one of the units of :data:`inference.findings.MEASUREMENT_UNITS`.
+    """
+    try:
+        return _UNITS[unit]
+    except KeyError:
+        raise ValueError(f"unit: {unit!r} is not a supported UCUM unit") from None
+
+
+# ------------------------------------------------------------------------------------------ procedure
+_REGION_NAMES = {"C": "cervical", "T": "thoracic", "L": "lumbar", "S": "lumbar"}
+_MODALITY_NAMES = {"MR": "MRI", "CT": "CT", "CR": "Radiography", "DX": "Radiography", "XA": "Radiography"}
+
+
+def spine_region(levels: list[str], body_parts: list[str]) -> str:
+    """``cervical``/``thoracic``/``lumbar`` or ``whole``, from the reported levels (else body part)."""
+    regions = {_REGION_NAMES[v[0]] for lv in levels for v in lv.split("-")}
+    if not regions:
+        for part in body_parts:
+            p = part.upper()
+            if "WHOLE" in p or p == "SPINE":
+                regions.add("whole")
+            for key, name in (("CSPINE", "cervical"), ("TSPINE", "thoracic"), ("LSPINE", "lumbar")):
+                if key in p:
+                    regions.add(name)
+    if len(regions) == 1:
+        return regions.pop()
+    return "whole"
+
+
+def procedure_code(modality: str, region: str) -> Code:
+    """Procedure Reported: imaging of a spine region by a modality (private ``99SPINEMED`` codes).
+
+    Parameters
+    ----------
+    modality
+        DICOM modality of the analysed images (``MR``, ``CT``, ``CR``, ``DX``; others fall back to
+        a generic spine imaging procedure).
+    region
+        ``cervical``, ``thoracic``, ``lumbar`` or ``whole``.
+
+    Raises
+    ------
+    ValueError
+        ``region`` is not one of the four regions.
+    """
+    if region not in ("cervical", "thoracic", "lumbar", "whole"):
+        raise ValueError(f"region: {region!r} is not cervical, thoracic, lumbar or whole")
+    mod_name = _MODALITY_NAMES.get(modality.upper())
+    region_text = "whole spine" if region == "whole" else f"{region} spine"
+    if mod_name is None:
+        return private_code(f"PROC-IMG-{region[0].upper()}", f"Imaging of {region_text}")
+    mod_value = "XR" if mod_name == "Radiography" else mod_name.replace("MRI", "MR")
+    meaning = f"{mod_name} of {region_text}"
+    return private_code(f"PROC-{mod_value}-{region[0].upper()}", meaning)
+
+
+# ------------------------------------------------------------------------------------------ narrative
+#: (field of NarrativeReport, section heading, text concept name), in report order.
+NARRATIVE_SECTIONS: tuple[tuple[str, Code, Code], ...] = (
+    ("findings", codes.DCM.Findings, codes.DCM.Finding),  # 121070 / 121071
+    ("diagnosis", codes.DCM.Impressions, codes.DCM.Impression),  # 121072 / 121073
+    ("treatment_suggestions", codes.DCM.Recommendations, codes.DCM.Recommendation),  # 121074 / 121075
+    (
+        "risk_and_prognosis",
+        private_code("SEC-RISK", "Risk and prognosis"),
+        private_code("RISK-PROGNOSIS", "Risk and prognosis statement"),
+    ),
+    (
+        "follow_up",
+        private_code("SEC-FOLLOW-UP", "Follow-up and post-operative management"),
+        private_code("FOLLOW-UP", "Follow-up statement"),
+    ),
+    (
+        "diagnostic_basis",
+        private_code("SEC-DX-BASIS", "Diagnostic basis"),
+        private_code("DIAGNOSTIC-BASIS", "Diagnostic basis statement"),
+    ),
+)
+
+#: Planes in which an input image shows the spine's levels along its length (key image choice).
+LONGITUDINAL_PLANES = frozenset({ImagePlane.SAGITTAL, ImagePlane.CORONAL, ImagePlane.PROJECTION})
+
+#: Every vertebra name (re-exported for docs generation).
+ALL_VERTEBRAE = VERTEBRAE

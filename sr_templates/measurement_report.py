@@ -1,0 +1,363 @@
+"""TID 1500 Measurement Report for SpineMed findings: one TID 1501 group per vertebral level.
+
+Content tree (abridged) of :class:`SpineMeasurementReport`::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")                       TID 1500
+      HAS OBS CONTEXT  device observer (UID, name, manufacturer, model)          TID 1001/1004
+      HAS CONCEPT MOD  (121058, DCM, "Procedure reported") = e.g. MRI of lumbar spine
+      CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")
+        CONTAINS CONTAINER (125007, DCM, "Measurement Group")                      TID 1501
+          HAS OBS CONTEXT  Tracking Identifier "L4-L5", Tracking UID
+          HAS CONCEPT MOD  Finding Site = (84020006, SCT, "L4/L5 disc") [+ Laterality]
+          HAS CONCEPT MOD  Algorithm Name / Version / Parameters                    TID 4019
+          CONTAINS IMAGE   Source (SOP instance, frame) of every evidence image
+          CONTAINS NUM     measurements (UCUM units)                                TID 300
+          CONTAINS CODE    (121071, DCM, "Finding") = finding, one per finding at the level
+            HAS PROPERTIES  Severity, Meyerding grade, Localisation status
+            HAS CONCEPT MOD Laterality (left/right/bilateral) or Topographical modifier (midline)
+            INFERRED FROM   SCOORD POINT -> SELECTED FROM IMAGE  |  SCOORD3D POINT  |  IMAGE
+          CONTAINS TEXT    (121106, DCM, "Comment") = "L4-L5: disc herniation, moderate, left"
+      CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")   only for the demo model
+        CONTAINS TEXT (121106, DCM, "Comment") = "DEMO MODEL OUTPUT - NOT FOR DIAGNOSTIC USE ..."
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.coding import Code
+
+from inference.findings import (
+    LevelFinding,
+    Measurement,
+    MeasurementType,
+    ModelIdentity,
+    is_transitional,
+    level_sort_key,
+    normalise_level,
+)
+from sr_templates.codes import (
+    FINDING_CODES,
+    LATERALITY_CODES,
+    MEASUREMENT_CODES,
+    MEYERDING_GRADE_CODES,
+    SEVERITY_CODES,
+    SpineCodes,
+    level_code,
+    unit_code,
+)
+from sr_templates.evidence import ResolvedEvidence
+from sr_templates.text import DEMO_TEXT, finding_summary
+
+__all__ = ["SpineMeasurementGroup", "SpineMeasurementReport", "algorithm_identification"]
+
+_REL = hd.sr.RelationshipTypeValues
+
+
+def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification for ``model``: name, version and parameters.
+
+    Parameters are ``prompt_version=...``, ``weights_sha256=...``, ``backend=...``.
+    """
+    if not isinstance(model, ModelIdentity):
+        raise TypeError(f"model: expected ModelIdentity, got {type(model).__name__}")
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[
+            f"prompt_version={model.prompt_version}",
+            f"weights_sha256={model.weights_digest}",
+            f"backend={model.backend}",
+        ],
+    )
+
+
+def _finding_site(level: str, findings: Sequence[LevelFinding]) -> hd.sr.FindingSite:
+    lateralities = {f.laterality for f in findings if f.laterality is not None}
+    laterality: Code | None = None
+    modifier: Code | None = None
+    if len(lateralities) == 1 and all(f.laterality is not None for f in findings):
+        (only,) = lateralities
+        if only.value == "central":
+            modifier = SpineCodes.MIDLINE
+        else:
+            laterality = LATERALITY_CODES[only]
+    return hd.sr.FindingSite(
+        anatomic_location=level_code(level), laterality=laterality, topographical_modifier=modifier
+    )
+
+
+def _measurement(m: Measurement) -> hd.sr.Measurement:
+    sites: list[hd.sr.FindingSite] | None = None
+    if m.type is MeasurementType.COBB_ANGLE:
+        assert m.upper_end_vertebra is not None and m.lower_end_vertebra is not None
+        sites = [
+            hd.sr.FindingSite(level_code(m.upper_end_vertebra), topographical_modifier=SpineCodes.SUPERIOR),
+            hd.sr.FindingSite(level_code(m.lower_end_vertebra), topographical_modifier=SpineCodes.INFERIOR),
+        ]
+    return hd.sr.Measurement(
+        name=MEASUREMENT_CODES[m.type],
+        value=float(m.value),
+        unit=unit_code(m.unit),
+        finding_sites=sites,
+    )
+
+
+def _evidence_items(resolved: Sequence[ResolvedEvidence]) -> list[hd.sr.ContentItem]:
+    items: list[hd.sr.ContentItem] = []
+    for ev in resolved:
+        frames = [ev.frame_number] if ev.frame_number is not None else None
+        if ev.point is not None:
+            scoord = hd.sr.ScoordContentItem(
+                name=SpineCodes.IMAGE_REGION,
+                graphic_type=hd.sr.GraphicTypeValues.POINT,
+                graphic_data=np.array([ev.point], dtype=float),
+                relationship_type=_REL.INFERRED_FROM,
+            )
+            scoord.ContentSequence = hd.sr.ContentSequence(
+                [
+                    hd.sr.ImageContentItem(
+                        name=SpineCodes.SOURCE_IMAGE,
+                        referenced_sop_class_uid=ev.sop_class_uid,
+                        referenced_sop_instance_uid=ev.sop_instance_uids[0],
+                        referenced_frame_numbers=frames,
+                        relationship_type=_REL.SELECTED_FROM,
+                    )
+                ]
+            )
+            items.append(scoord)
+        elif ev.point_3d is not None:
+            assert ev.frame_of_reference_uid is not None
+            items.append(
+                hd.sr.Scoord3DContentItem(
+                    name=SpineCodes.IMAGE_REGION,
+                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                    graphic_data=np.array([ev.point_3d], dtype=float),
+                    frame_of_reference_uid=ev.frame_of_reference_uid,
+                    relationship_type=_REL.INFERRED_FROM,
+                )
+            )
+        else:
+            for uid in ev.sop_instance_uids:
+                items.append(
+                    hd.sr.ImageContentItem(
+                        name=SpineCodes.SOURCE_IMAGE,
+                        referenced_sop_class_uid=ev.sop_class_uid,
+                        referenced_sop_instance_uid=uid,
+                        referenced_frame_numbers=frames,
+                        relationship_type=_REL.INFERRED_FROM,
+                    )
+                )
+        if ev.note is not None:
+            items.append(
+                hd.sr.TextContentItem(
+                    name=SpineCodes.COMMENT,
+                    value=f"Not localised: {ev.note}",
+                    relationship_type=_REL.HAS_PROPERTIES,
+                )
+            )
+    return items
+
+
+def _finding_item(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -> hd.sr.QualitativeEvaluation:
+    evaluation = hd.sr.QualitativeEvaluation(name=SpineCodes.FINDING, value=FINDING_CODES[finding.finding])
+    children: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=SpineCodes.SEVERITY,
+            value=SEVERITY_CODES[finding.severity],
+            relationship_type=_REL.HAS_PROPERTIES,
+        )
+    ]
+    if finding.grade is not None:
+        children.append(
+            hd.sr.CodeContentItem(
+                name=SpineCodes.MEYERDING_GRADE,
+                value=MEYERDING_GRADE_CODES[finding.grade],
+                relationship_type=_REL.HAS_PROPERTIES,
+            )
+        )
+    if finding.laterality is not None:
+        central = finding.laterality.value == "central"
+        children.append(
+            hd.sr.CodeContentItem(
+                name=SpineCodes.TOPOGRAPHICAL_MODIFIER if central else SpineCodes.LATERALITY,
+                value=LATERALITY_CODES[finding.laterality],
+                relationship_type=_REL.HAS_CONCEPT_MOD,
+            )
+        )
+    if not resolved:
+        status = SpineCodes.NO_IMAGE_EVIDENCE
+    elif any(ev.localised for ev in resolved):
+        status = SpineCodes.LOCALISED_POINT
+    else:
+        status = SpineCodes.NOT_LOCALISED
+    children.append(
+        hd.sr.CodeContentItem(
+            name=SpineCodes.LOCALISATION, value=status, relationship_type=_REL.HAS_PROPERTIES
+        )
+    )
+    children.extend(_evidence_items(resolved))
+    evaluation[0].ContentSequence = hd.sr.ContentSequence(children)
+    return evaluation
+
+
+class SpineMeasurementGroup(hd.sr.MeasurementsAndQualitativeEvaluations):
+    """TID 1501 Measurement and Qualitative Evaluation Group for the findings at one level.
+
+    Parameters
+    ----------
+    level
+        Vertebra (``"L5"``) or motion segment (``"L4-L5"``); normalised.
+    findings
+        The :class:`~inference.findings.LevelFinding` objects at ``level`` (at least one).
+    evidence
+        For each finding, its resolved evidence (same order as ``findings``).
+    tracking_uid
+        Tracking Unique Identifier of the group.
+    algorithm
+        TID 4019 identification of the algorithm that produced the findings.
+
+    Raises
+    ------
+    TypeError
+        An argument has the wrong type.
+    ValueError
+        ``findings`` is empty, a finding is at another level, or ``evidence`` does not match.
+    """
+
+    def __init__(
+        self,
+        level: str,
+        findings: Sequence[LevelFinding],
+        evidence: Sequence[Sequence[ResolvedEvidence]],
+        tracking_uid: str,
+        algorithm: hd.sr.AlgorithmIdentification,
+    ) -> None:
+        if not isinstance(level, str):
+            raise TypeError(f"level: expected str, got {type(level).__name__}")
+        level = normalise_level(level)
+        if isinstance(findings, LevelFinding) or not isinstance(findings, Sequence):
+            raise TypeError("findings: expected a sequence of LevelFinding")
+        if not findings:
+            raise ValueError("findings: a measurement group needs at least one finding")
+        for f in findings:
+            if not isinstance(f, LevelFinding):
+                raise TypeError(f"findings: expected LevelFinding items, got {type(f).__name__}")
+            if f.level != level:
+                raise ValueError(f"findings: a finding at {f.level} is not at level {level}")
+        if not isinstance(evidence, Sequence) or len(evidence) != len(findings):
+            raise ValueError("evidence: give one sequence of resolved evidence per finding")
+        for ev_list in evidence:
+            if any(not isinstance(ev, ResolvedEvidence) for ev in ev_list):
+                raise TypeError("evidence: expected ResolvedEvidence items")
+        if not isinstance(tracking_uid, str) or not tracking_uid:
+            raise TypeError("tracking_uid: expected a non-empty str")
+        if not isinstance(algorithm, hd.sr.AlgorithmIdentification):
+            raise TypeError(f"algorithm: expected AlgorithmIdentification, got {type(algorithm).__name__}")
+
+        measurements = [_measurement(m) for f in findings for m in f.measurements]
+        qualitative = [_finding_item(f, ev) for f, ev in zip(findings, evidence, strict=True)]
+        sources: list[hd.sr.SourceImageForMeasurementGroup] = []
+        seen: set[tuple[str, int | None]] = set()
+        for ev_list in evidence:
+            for ev in ev_list:
+                for uid in ev.sop_instance_uids:
+                    if (uid, ev.frame_number) in seen:
+                        continue
+                    seen.add((uid, ev.frame_number))
+                    sources.append(
+                        hd.sr.SourceImageForMeasurementGroup(
+                            referenced_sop_class_uid=ev.sop_class_uid,
+                            referenced_sop_instance_uid=uid,
+                            referenced_frame_numbers=[ev.frame_number]
+                            if ev.frame_number is not None
+                            else None,
+                        )
+                    )
+        super().__init__(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=level),
+            algorithm_id=algorithm,
+            finding_sites=[_finding_site(level, findings)],
+            measurements=measurements or None,
+            qualitative_evaluations=qualitative,
+            source_images=sources or None,
+        )
+        summary = finding_summary(level, findings)
+        if is_transitional(level):
+            summary += " (transitional anatomy)"
+        self[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=summary, relationship_type=_REL.CONTAINS)
+        )
+
+
+class SpineMeasurementReport(hd.sr.MeasurementReport):
+    """TID 1500 Imaging Measurement Report: the per-level SpineMed results.
+
+    Parameters
+    ----------
+    observation_context
+        Observer context (the algorithm as device observer).
+    procedure_reported
+        The imaging procedure the findings are about.
+    groups
+        One :class:`SpineMeasurementGroup` per level, in cranio-caudal order.
+    demo
+        True when the findings come from the demo model: adds a "not for diagnostic use" statement.
+
+    Raises
+    ------
+    TypeError
+        An argument has the wrong type.
+    ValueError
+        Two groups report the same level.
+    """
+
+    def __init__(
+        self,
+        observation_context: hd.sr.ObservationContext,
+        procedure_reported: Code,
+        groups: Sequence[SpineMeasurementGroup],
+        *,
+        demo: bool = False,
+    ) -> None:
+        if not isinstance(observation_context, hd.sr.ObservationContext):
+            raise TypeError(
+                f"observation_context: expected ObservationContext, got {type(observation_context).__name__}"
+            )
+        if not isinstance(procedure_reported, Code | hd.sr.CodedConcept):
+            raise TypeError(f"procedure_reported: expected a Code, got {type(procedure_reported).__name__}")
+        if not isinstance(groups, Sequence) or any(not isinstance(g, SpineMeasurementGroup) for g in groups):
+            raise TypeError("groups: expected a sequence of SpineMeasurementGroup")
+        if not isinstance(demo, bool):
+            raise TypeError(f"demo: expected bool, got {type(demo).__name__}")
+        levels = [_group_level(g) for g in groups]
+        if len(set(levels)) != len(levels):
+            raise ValueError("groups: each level must appear in one group only")
+        if levels != sorted(levels, key=level_sort_key):
+            raise ValueError("groups: must be in cranio-caudal order")
+        super().__init__(
+            observation_context=observation_context,
+            procedure_reported=procedure_reported,
+            imaging_measurements=list(groups),
+        )
+        if demo:
+            container = hd.sr.ContainerContentItem(
+                name=SpineCodes.QUALITATIVE_EVALUATIONS, relationship_type=_REL.CONTAINS
+            )
+            container.ContentSequence = hd.sr.ContentSequence(
+                [
+                    hd.sr.TextContentItem(
+                        name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS
+                    )
+                ]
+            )
+            self[0].ContentSequence.append(container)
+
+
+def _group_level(group: SpineMeasurementGroup) -> str:
+    for item in group[0].ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "112039":
+            return str(item.TextValue)
+    raise ValueError("groups: a group without tracking identifier")

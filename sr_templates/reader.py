@@ -1,0 +1,283 @@
+"""Read a SpineMed TID 1500 SR back into findings (round-trip checks, audits, revisions).
+
+Parsing uses highdicom (:class:`highdicom.sr.MeasurementReport`,
+:class:`highdicom.sr.MeasurementsAndQualitativeEvaluations`) and walks the children of each
+"Finding" item (severity, grade, laterality, localisation, coordinates) that highdicom's
+qualitative-evaluation accessor does not expose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from inference.findings import (
+    FindingType,
+    Laterality,
+    Measurement,
+    MeasurementType,
+    Severity,
+    level_sort_key,
+)
+from sr_templates.codes import (
+    LATERALITY_CODES,
+    MEASUREMENT_CODES,
+    MEASUREMENT_FINDING,
+    MEYERDING_GRADE_CODES,
+    SEVERITY_CODES,
+    SpineCodes,
+    finding_for_code,
+    level_for_code,
+)
+from sr_templates.text import DEMO_TEXT
+
+__all__ = ["ReadBack", "ReadEvidence", "ReadFinding", "ReadGroup", "read_measurement_report"]
+
+
+@dataclass(frozen=True)
+class ReadEvidence:
+    """An image reference (and coordinate, if any) under one finding."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None
+    point: tuple[float, float] | None = None
+    point_3d: tuple[float, float, float] | None = None
+    frame_of_reference_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class ReadFinding:
+    """One finding as read back from its group."""
+
+    level: str
+    finding: FindingType
+    severity: Severity
+    grade: int | None
+    laterality: Laterality | None
+    localisation: str
+    measurements: tuple[Measurement, ...]
+    evidence: tuple[ReadEvidence, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReadGroup:
+    """One TID 1501 measurement group."""
+
+    level: str
+    tracking_identifier: str
+    tracking_uid: str
+    finding_site: hd.sr.CodedConcept
+    laterality: hd.sr.CodedConcept | None
+    summary: str
+    source_images: tuple[tuple[str, tuple[int, ...]], ...]
+    algorithm_name: str
+    algorithm_version: str
+    algorithm_parameters: tuple[str, ...]
+    findings: tuple[ReadFinding, ...]
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """A SpineMed measurement report, read back."""
+
+    procedure_reported: tuple[hd.sr.CodedConcept, ...]
+    device_observer_uid: str
+    device_observer_name: str
+    groups: tuple[ReadGroup, ...]
+    demo: bool
+    findings: tuple[ReadFinding, ...] = field(default=())
+
+
+_SEVERITY: dict[tuple[str, str], Severity] = {
+    (c.scheme_designator, c.value): k for k, c in SEVERITY_CODES.items()
+}
+_GRADE: dict[tuple[str, str], int] = {
+    (c.scheme_designator, c.value): k for k, c in MEYERDING_GRADE_CODES.items()
+}
+_LATERALITY: dict[tuple[str, str], Laterality] = {
+    (c.scheme_designator, c.value): k for k, c in LATERALITY_CODES.items()
+}
+_MEASUREMENT: dict[tuple[str, str], MeasurementType] = {
+    (c.scheme_designator, c.value): k for k, c in MEASUREMENT_CODES.items()
+}
+
+
+def _key(item: pydicom.Dataset, attr: str = "ConceptNameCodeSequence") -> tuple[str, str]:
+    code = item[attr][0]
+    return (str(code.CodingSchemeDesignator), str(code.CodeValue))
+
+
+def _is(item: pydicom.Dataset, concept: object) -> bool:
+    return _key(item) == (concept.scheme_designator, concept.value)  # type: ignore[attr-defined]
+
+
+def _image_ref(item: pydicom.Dataset) -> tuple[str, str, int | None]:
+    ref = item.ReferencedSOPSequence[0]
+    frames = ref.get("ReferencedFrameNumber")
+    frame = None
+    if frames is not None:
+        frame = int(frames[0]) if isinstance(frames, pydicom.multival.MultiValue) else int(frames)
+    return str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID), frame
+
+
+def _read_finding(level: str, item: pydicom.Dataset) -> ReadFinding:
+    finding = finding_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0]))
+    severity: Severity | None = None
+    grade: int | None = None
+    laterality: Laterality | None = None
+    localisation = ""
+    evidence: list[ReadEvidence] = []
+    notes: list[str] = []
+    for child in item.get("ContentSequence", []):
+        vt = child.ValueType
+        if vt == "CODE" and _is(child, SpineCodes.SEVERITY):
+            severity = _SEVERITY[_key(child, "ConceptCodeSequence")]
+        elif vt == "CODE" and _is(child, SpineCodes.MEYERDING_GRADE):
+            grade = _GRADE[_key(child, "ConceptCodeSequence")]
+        elif vt == "CODE" and (
+            _is(child, SpineCodes.LATERALITY) or _is(child, SpineCodes.TOPOGRAPHICAL_MODIFIER)
+        ):
+            laterality = _LATERALITY[_key(child, "ConceptCodeSequence")]
+        elif vt == "CODE" and _is(child, SpineCodes.LOCALISATION):
+            localisation = str(child.ConceptCodeSequence[0].CodeValue)
+        elif vt == "SCOORD":
+            img = child.ContentSequence[0]
+            cls, uid, frame = _image_ref(img)
+            data = [float(v) for v in child.GraphicData]
+            evidence.append(ReadEvidence(cls, uid, frame, point=(data[0], data[1])))
+        elif vt == "SCOORD3D":
+            data = [float(v) for v in child.GraphicData]
+            evidence.append(
+                ReadEvidence(
+                    "",
+                    "",
+                    None,
+                    point_3d=(data[0], data[1], data[2]),
+                    frame_of_reference_uid=str(child.ReferencedFrameOfReferenceUID),
+                )
+            )
+        elif vt == "IMAGE":
+            cls, uid, frame = _image_ref(child)
+            evidence.append(ReadEvidence(cls, uid, frame))
+        elif vt == "TEXT":
+            notes.append(str(child.TextValue))
+    if severity is None:
+        raise ValueError(f"dataset: finding at {level} has no severity")
+    return ReadFinding(
+        level, finding, severity, grade, laterality, localisation, (), tuple(evidence), tuple(notes)
+    )
+
+
+def _measurement(m: hd.sr.Measurement) -> Measurement:
+    mtype = _MEASUREMENT[(m.name.scheme_designator, m.name.value)]
+    upper = lower = None
+    if mtype is MeasurementType.COBB_ANGLE:
+        for site in m.finding_sites:
+            mod = site.topographical_modifier
+            name = level_for_code(site.value)
+            if mod is not None and mod == SpineCodes.SUPERIOR:
+                upper = name
+            elif mod is not None and mod == SpineCodes.INFERIOR:
+                lower = name
+    return Measurement(type=mtype, value=float(m.value), upper_end_vertebra=upper, lower_end_vertebra=lower)
+
+
+def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
+    """Parse a Comprehensive 3D SR written by :func:`sr_templates.build_outputs`.
+
+    Measurements are re-attached to the finding at the level they normally belong to
+    (:data:`sr_templates.codes.MEASUREMENT_FINDING`), else to the level's first finding.
+
+    Raises
+    ------
+    TypeError
+        ``dataset`` is not a pydicom Dataset.
+    ValueError
+        ``dataset`` is not a SpineMed TID 1500 SR.
+    """
+    if not isinstance(dataset, pydicom.Dataset):
+        raise TypeError(f"dataset: expected a pydicom Dataset, got {type(dataset).__name__}")
+    sr = hd.sr.Comprehensive3DSR.from_dataset(dataset)
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    observers = report.get_observer_contexts(observer_type=codes.cid270.Device)
+    device_uid = device_name = ""
+    if observers:
+        attrs = observers[0].observer_identifying_attributes
+        if isinstance(attrs, hd.sr.DeviceObserverIdentifyingAttributes):
+            device_uid = str(attrs.uid)
+            device_name = str(attrs.name or "")
+    procedures: list[hd.sr.CodedConcept] = []
+    demo = False
+    for item in sr.content[0].ContentSequence:
+        if item.ValueType == "CODE" and _key(item) == ("DCM", "121058"):
+            procedures.append(hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0]))
+        if item.ValueType == "CONTAINER" and _is(item, SpineCodes.QUALITATIVE_EVALUATIONS):
+            demo = demo or any(getattr(c, "TextValue", "") == DEMO_TEXT for c in item.ContentSequence)
+
+    groups: list[ReadGroup] = []
+    all_findings: list[ReadFinding] = []
+    for group in report.get_image_measurement_groups():
+        site = group.finding_sites[0]
+        level = level_for_code(site.value)
+        findings: list[ReadFinding] = []
+        summary = ""
+        alg_name = alg_version = ""
+        params: list[str] = []
+        for item in group[0].ContentSequence:
+            if item.ValueType == "CODE" and _is(item, SpineCodes.FINDING):
+                findings.append(_read_finding(level, item))
+            elif item.ValueType == "TEXT" and _is(item, SpineCodes.COMMENT):
+                summary = str(item.TextValue)
+            elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111001"):
+                alg_name = str(item.TextValue)
+            elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111003"):
+                alg_version = str(item.TextValue)
+            elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111002"):
+                params.append(str(item.TextValue))
+        measurements = [_measurement(m) for m in group.get_measurements()]
+        assigned: list[list[Measurement]] = [[] for _ in findings]
+        for m in measurements:
+            idx = next((i for i, f in enumerate(findings) if f.finding in MEASUREMENT_FINDING[m.type]), 0)
+            if findings:
+                assigned[idx].append(m)
+        findings = [
+            ReadFinding(
+                f.level,
+                f.finding,
+                f.severity,
+                f.grade,
+                f.laterality,
+                f.localisation,
+                tuple(ms),
+                f.evidence,
+                f.notes,
+            )
+            for f, ms in zip(findings, assigned, strict=True)
+        ]
+        sources = tuple(
+            (str(s.referenced_sop_instance_uid), tuple(int(x) for x in (s.referenced_frame_numbers or ())))
+            for s in group.source_images
+        )
+        groups.append(
+            ReadGroup(
+                level=level,
+                tracking_identifier=str(group.tracking_identifier),
+                tracking_uid=str(group.tracking_uid),
+                finding_site=site.value,
+                laterality=site.laterality,
+                summary=summary,
+                source_images=sources,
+                algorithm_name=alg_name,
+                algorithm_version=alg_version,
+                algorithm_parameters=tuple(params),
+                findings=tuple(findings),
+            )
+        )
+        all_findings.extend(findings)
+    groups.sort(key=lambda g: level_sort_key(g.level))
+    return ReadBack(tuple(procedures), device_uid, device_name, tuple(groups), demo, tuple(all_findings))
