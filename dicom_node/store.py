@@ -255,7 +255,9 @@ class SQLiteJobStore:
     def _conn(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=self._busy_ms / 1000, check_same_thread=False
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={self._busy_ms}")

@@ -1,0 +1,245 @@
+"""The listener, over real associations on loopback: dcmtk storescu/echoscu and pynetdicom SCUs."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+
+from conftest import free_port, require_tool, storescu
+from dicom_node.config import load_config
+from dicom_node.node import ReceivingNode
+from dicom_node.store import JobState
+from dicom_node.synthetic import make_lumbar_mr
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[ReceivingNode]:
+    cfg = load_config(node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path / "data", "min_free_disk_mb": 0},
+                      completeness={"quiet_seconds": 0.5, "force_seconds": 60, "check_interval_s": 0.2})
+    n = ReceivingNode(cfg)
+    n.start()
+    yield n
+    n.stop()
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the file meta group, as it travels on the wire."""
+    ds = pydicom.dcmread(path)
+    raw = path.read_bytes()
+    return raw[128 + 4 + 12 + ds.file_meta.FileMetaInformationGroupLength:]
+
+
+def test_storescu_study_is_spooled_as_received(node: ReceivingNode, tmp_path: Path) -> None:
+    study = make_lumbar_mr(tmp_path / "mr", slices=5, size=64)
+    res = storescu(node.receiver.port, list(study.paths))
+    assert res.returncode == 0, res.stderr
+    records = node.store.instances(study.study_instance_uid)
+    assert len(records) == len(study.paths)
+    for src in study.paths:
+        sop = pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID
+        rec = next(r for r in records if r.sop_instance_uid == sop)
+        assert _dataset_bytes(Path(rec.path)) == _dataset_bytes(src), "stored exactly as received"
+        assert pydicom.dcmread(rec.path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    job = node.store.by_study(study.study_instance_uid)
+    assert job.instance_count == len(study.paths)
+    node.monitor.check(now=job.last_received_at + 10)  # type: ignore[operator]
+    assert node.store.by_study(study.study_instance_uid).state is JobState.COMPLETE
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "MR_small_implicit.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_bigendian.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm",
+                                  "image_dfl.dcm"])
+def test_compressed_and_odd_encodings_stored_as_received(node: ReceivingNode, name: str) -> None:
+    src = Path(get_testdata_file(name))  # type: ignore[arg-type]
+    ts = pydicom.dcmread(src, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    ae = AE(ae_title="PYSCU")
+    ds = pydicom.dcmread(src)
+    ae.add_requested_context(ds.SOPClassUID, [ts])
+    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="SPINEMED")
+    assert assoc.is_established
+    status = assoc.send_c_store(src)  # sent from the file: the encoded bytes as they are
+    assoc.release()
+    assert status.Status == 0x0000
+    rec = next(r for r in node.store.instances(ds.StudyInstanceUID) if r.sop_instance_uid == ds.SOPInstanceUID)
+    assert rec.transfer_syntax_uid == ts
+    if ts.is_deflated:  # pynetdicom re-deflates when it sends: compare the inflated content
+        assert pydicom.dcmread(rec.path) == pydicom.dcmread(src)
+    else:
+        assert _dataset_bytes(Path(rec.path)) == _dataset_bytes(src)
+
+
+def test_instance_without_study_uid_refused(node: ReceivingNode) -> None:
+    # pydicom's JPEG-LS near-lossless test file has no Study Instance UID: it cannot join a study
+    src = Path(get_testdata_file("JPEGLSNearLossless_16.dcm"))  # type: ignore[arg-type]
+    ds = pydicom.dcmread(src)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="SPINEMED")
+    status = assoc.send_c_store(src)
+    assoc.release()
+    assert status.Status == 0xC000
+    assert node.store.jobs() == []
+
+
+def test_echo_with_dcmtk(node: ReceivingNode) -> None:
+    exe = require_tool("echoscu")
+    res = subprocess.run([exe, "-aec", "SPINEMED", "127.0.0.1", str(node.receiver.port)], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def test_many_concurrent_associations(node: ReceivingNode, tmp_path: Path) -> None:
+    study = make_lumbar_mr(tmp_path / "mr", slices=8, size=64)
+    datasets = [pydicom.dcmread(p) for p in study.paths]
+    errors: list[str] = []
+
+    def send(k: int) -> None:
+        try:
+            _send(k)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{k}: {exc!r}")
+
+    def _send(k: int) -> None:
+        ae = AE(ae_title=f"SCU{k}")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="SPINEMED")
+        if not assoc.is_established:
+            errors.append(f"{k}: not established")
+            return
+        for ds in datasets:
+            copy = pydicom.Dataset(ds)
+            copy.file_meta = ds.file_meta
+            copy.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), str(k)])
+            st = assoc.send_c_store(copy)
+            if st.Status != 0:
+                errors.append(f"{k}: 0x{st.Status:04X}")
+        assoc.release()
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(node.store.instances(study.study_instance_uid)) == 8 * len(datasets)
+    assert node.receiver.stats.stored == 8 * len(datasets)
+
+
+def test_tcp_nodelay_on_both_ends(node: ReceivingNode, tmp_path: Path) -> None:
+    from dicom_node.net import nodelay_handlers
+
+    seen: list[int] = []
+
+    def on_open(event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    node.receiver._server.bind(evt.EVT_ACCEPTED, on_open)  # type: ignore[union-attr]
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="SPINEMED", evt_handlers=nodelay_handlers())
+    assert assoc.is_established
+    client = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # type: ignore[union-attr]
+    assoc.release()
+    assert seen == [1] and client == 1
+
+
+def test_broken_data_refused_and_nothing_lost(node: ReceivingNode, tmp_path: Path) -> None:
+    good = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    ds = pydicom.dcmread(good)
+    # a Part 10 file whose dataset is corrupt after the SOP Instance UID: Patient's Name (0010,0010)
+    # claims a length far past the end of the data
+    raw = bytearray(good.read_bytes())
+    tag = b"\x10\x00\x10\x00"
+    at = raw.index(tag, 128 + 4 + 12 + ds.file_meta.FileMetaInformationGroupLength)
+    vr_explicit = raw[at + 4:at + 6] == b"PN"
+    if vr_explicit:
+        raw[at + 6:at + 8] = b"\xf0\xff"
+    else:
+        raw[at + 4:at + 8] = b"\xf0\xff\xff\x0f"
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(bytes(raw))
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="SPINEMED")
+    assert assoc.is_established
+    first = assoc.send_c_store(good)
+    assert first.Status == 0
+    bad = assoc.send_c_store(broken)
+    mismatch = pydicom.dcmread(good)
+    ok_after = assoc.send_c_store(pydicom.dcmread(good))  # a resend of the good one: still fine
+    assoc.release()
+    assert bad is not None and bad.Status != 0 and (bad.Status >> 12) in (0xA, 0xC)
+    assert ok_after.Status == 0
+    recs = node.store.instances(mismatch.StudyInstanceUID)
+    assert [r.sop_instance_uid for r in recs] == [mismatch.SOPInstanceUID]
+    assert Path(recs[0].path).read_bytes()[128:132] == b"DICM"
+    assert node.receiver.stats.refused == 1 and node.receiver.stats.duplicates == 1
+    assert not list((node.config.spool_dir / ".incoming").iterdir()), "no partial file left behind"
+
+
+def test_calling_ae_allow_list(tmp_path: Path) -> None:
+    cfg = load_config(node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path, "min_free_disk_mb": 0,
+                            "allowed_calling_aes": ["PACS"]})
+    n = ReceivingNode(cfg)
+    n.start()
+    try:
+        for calling, ok in (("PACS", True), ("INTRUDER", False)):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", n.receiver.port, ae_title="SPINEMED")
+            assert assoc.is_established is ok
+            if ok:
+                assoc.release()
+            else:
+                assert assoc.is_rejected
+    finally:
+        n.stop()
+
+
+def test_low_disk_refuses_with_out_of_resources(tmp_path: Path) -> None:
+    free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
+    cfg = load_config(node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path, "min_free_disk_mb": free_mb + 10})
+    n = ReceivingNode(cfg)
+    n.start()
+    try:
+        res = storescu(n.receiver.port, [Path(get_testdata_file("CT_small.dcm"))])  # type: ignore[arg-type]
+        assert res.returncode != 0, "storescu sees the refusal"
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", n.receiver.port, ae_title="SPINEMED")
+        status = assoc.send_c_store(pydicom.dcmread(get_testdata_file("CT_small.dcm")))
+        assoc.release()
+        assert status.Status == 0xA700
+        assert n.store.jobs() == []
+    finally:
+        n.stop()
+
+
+def test_wrong_called_ae_rejected(node: ReceivingNode) -> None:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="NOTUS")
+    assert assoc.is_rejected
+
+
+def test_port_zero_binds_free_port() -> None:
+    assert free_port() > 0
