@@ -162,14 +162,35 @@ class RoutingConfig(_Section):
 
 
 class DestinationConfig(_Section):
-    """One ``[[destinations]]`` entry: a C-STORE SCP that receives our results."""
+    """One ``[[destinations]]`` entry: where our results go.
+
+    ``type = "dicom"`` (default): a C-STORE SCP (``ae_title``, ``host``, ``port``).
+    ``type = "dicomweb"``: a STOW-RS endpoint (``url``, e.g. ``http://orthanc:8042/dicom-web``).
+    """
 
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = Field(default=None, description="DICOMweb base URL (type = dicomweb)")
+    username: str | None = Field(default=None, description="DICOMweb basic-auth user")
+    password_env: str | None = Field(default=None, description="env var holding the DICOMweb password")
 
-    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    @field_validator("ae_title")
+    @classmethod
+    def _v_ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae(v)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DestinationConfig:
+        if self.type == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{', '.join(missing)}: required for a dicom destination")
+        elif not self.url or not re.match(r"^https?://", self.url):
+            raise ValueError("url: a dicomweb destination needs an http(s) URL")
+        return self
 
 
 class ExportConfig(_Section):

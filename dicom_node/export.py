@@ -18,7 +18,7 @@ from pynetdicom import AE, build_context
 from dicom_node.config import DestinationConfig
 from dicom_node.net import STATUS_SUCCESS, WARNING_STATUSES, nodelay_handlers
 
-__all__ = ["SendResult", "backoff_delay", "echo", "send_files"]
+__all__ = ["SendResult", "backoff_delay", "deliver", "echo", "send_files"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,17 @@ def _ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
+def deliver(
+    dest: DestinationConfig, paths: Sequence[Path], *, calling_ae: str, timeout_s: float = 60.0
+) -> list[SendResult]:
+    """Send ``paths`` to ``dest`` by its type: C-STORE (``dicom``) or STOW-RS (``dicomweb``)."""
+    if dest.type == "dicomweb":
+        from dicom_node.stow import send_files_stow
+
+        return send_files_stow(dest, paths, timeout_s=timeout_s)
+    return send_files(dest, paths, calling_ae=calling_ae, timeout_s=timeout_s)
+
+
 def send_files(
     dest: DestinationConfig, paths: Sequence[Path], *, calling_ae: str, timeout_s: float = 60.0
 ) -> list[SendResult]:
@@ -52,6 +63,7 @@ def send_files(
 
     Never raises for network or peer errors: each result says what happened to its object.
     """
+    assert dest.host is not None and dest.port is not None and dest.ae_title is not None
     datasets = [(Path(p), pydicom.dcmread(p)) for p in paths]
     ae = _ae(calling_ae, timeout_s)
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
@@ -92,6 +104,9 @@ def echo(dest: DestinationConfig, *, calling_ae: str, timeout_s: float = 10.0) -
     """C-ECHO ``dest``; returns (ok, message)."""
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    if dest.type != "dicom":
+        return False, f"{dest.type} destination: C-ECHO does not apply"
+    assert dest.host is not None and dest.port is not None and dest.ae_title is not None
     ae = _ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
     try:

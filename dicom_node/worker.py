@@ -20,7 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
-from dicom_node.export import backoff_delay, send_files
+from dicom_node.export import backoff_delay, deliver
 from dicom_node.log import get_logger
 from dicom_node.pipeline import Pipeline, output_kind
 from dicom_node.spool import study_key
@@ -181,7 +181,7 @@ class Worker:
                     self.store.record_delivery(u, name, False, None, "destination no longer configured", None, True)
                 gave_up.append(f"{name}: no longer configured")
                 continue
-            results = send_files(dest, [paths[u] for u in uids],
+            results = deliver(dest, [paths[u] for u in uids],
                                  calling_ae=cfg.export.calling_ae_title or cfg.node.ae_title,
                                  timeout_s=cfg.export.timeout_s)
             give_up = attempts >= cfg.export.max_attempts
