@@ -166,6 +166,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, kind=args.kind, keep_running=args.keep_running)
 
 
+def cmd_orthanc_config(args: argparse.Namespace) -> int:
+    from dicom_node.orthanc_config import node_destination_toml, orthanc_config
+
+    config = _config(args)
+    snippet = orthanc_config(config, node_host=args.node_host, modality_name=args.modality,
+                             plugin_dir=args.plugin_dir, state_file=args.state_file)
+    print(json.dumps(snippet, indent=2))
+    print("# add to the node's configuration, to send results back to this Orthanc:\n"
+          + node_destination_toml(url=args.orthanc_url), file=sys.stderr)
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"spinemed-node {__version__}")
     return 0
@@ -231,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_demo_model)
+
+    p = sub.add_parser("orthanc-config", help="print the Orthanc configuration that connects Orthanc to this node")
+    _add_config(p)
+    p.add_argument("--node-host", help="address Orthanc uses to reach this node (default: node.host or 127.0.0.1)")
+    p.add_argument("--modality", default="spinemed", help="the node's key in Orthanc's DicomModalities")
+    p.add_argument("--plugin-dir", type=Path, default=Path("/usr/share/orthanc/plugins"))
+    p.add_argument("--state-file", type=Path, help="the plugin's state file (default: next to Orthanc's index)")
+    p.add_argument("--orthanc-url", default="http://127.0.0.1:8042/dicom-web",
+                   help="Orthanc's DICOMweb root, for the suggested result destination")
+    p.set_defaults(func=cmd_orthanc_config)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -38,6 +38,9 @@ class ReceivingNode:
         self.monitor = CompletenessMonitor(config.completeness, self.store)
 
     def start(self) -> int:
+        restarted = self.store.restart_quiet_timers(time.time())
+        if restarted:
+            log.info("quiet timers restarted for studies still receiving", studies=restarted)
         port = self.receiver.start()
         self.monitor.start()
         return port

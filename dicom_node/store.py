@@ -121,6 +121,7 @@ class JobStore(Protocol):
     def complete_due(
         self, now: float, quiet_s: float, force_s: float, required_series: Sequence[str] = ()
     ) -> list[Job]: ...
+    def restart_quiet_timers(self, now: float) -> int: ...
     def claim(self, owner: str, now: float, lease_s: float) -> Job | None: ...
     def transition(self, job_id: int, owner: str, to: JobState, *, reason: str | None = None) -> Job: ...
     def release(self, job_id: int, owner: str) -> None: ...
@@ -384,6 +385,19 @@ class SQLiteJobStore:
                 self._event(db, job.study_instance_uid, job.state, JobState.COMPLETE, detail)
                 done.append(self._fetch_job(db, "id = ?", (job.id,)))  # type: ignore[arg-type]
         return done
+
+    def restart_quiet_timers(self, now: float) -> int:
+        """After the listener was down, give receiving studies a full quiet period again.
+
+        Senders could not reach us while we were down; completing a study the moment we come back
+        would analyse it while its sender is still retrying, and produce a needless revision.
+        """
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET last_received_at = ?, updated_at = ? WHERE state = ? AND last_received_at < ?",
+                (now, now, JobState.RECEIVING, now),
+            )
+            return int(cur.rowcount)
 
     # ------------------------------------------------------------------ worker
     def claim(self, owner: str, now: float, lease_s: float) -> Job | None:

@@ -319,7 +319,9 @@ class NarrativeReport(_Strict):
 class ModelAnswer(_Strict):
     """What the model must output: per-level findings and the narrative report."""
 
-    levels: list[LevelFinding] = Field(max_length=32)
+    levels: list[LevelFinding] = Field(
+        min_length=1, max_length=32, description="at least one level: a normal study says no_abnormality"
+    )
     report: NarrativeReport
 
     @model_validator(mode="after")

@@ -90,3 +90,104 @@ def storescu(port: int, paths: list[Path], *, called: str = "SPINEMED", calling:
     exe = require_tool("storescu")
     cmd = [exe, "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------- the node
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random demo model: the one scripts/setup built, else built once for this session."""
+    env = os.environ.get("SPINEMED_DEMO_MODEL")
+    if env and (Path(env) / "config.json").is_file():
+        return Path(env)
+    from inference.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+def node_config_text(data_dir: Path, model_dir: Path, port: int, destinations: list[tuple[str, str, int]],
+                     *, quiet: float = 1.0, extra: str = "") -> str:
+    dests = "".join(
+        f'\n[[destinations]]\nname = "{n}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {p}\n'
+        for n, ae, p in destinations
+    )
+    return f"""
+[node]
+host = "127.0.0.1"
+port = {port}
+data_dir = "{data_dir}"
+min_free_disk_mb = 0
+
+[completeness]
+quiet_seconds = {quiet}
+force_seconds = 300
+check_interval_s = 0.2
+
+[export]
+backoff_initial_s = 0.5
+backoff_max_s = 2.0
+max_attempts = 6
+
+[model]
+backend = "demo"
+path = "{model_dir}"
+
+[worker]
+poll_interval_s = 0.1
+{dests}
+{extra}
+"""
+
+
+@dataclass
+class NodeProcess:
+    """``spinemed-node serve`` as a real subprocess."""
+
+    config: Path
+    data_dir: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int | None = None) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+    def store(self):  # type: ignore[no-untyped-def]
+        from dicom_node.store import SQLiteJobStore
+
+        return SQLiteJobStore(self.data_dir / "jobs.sqlite3")
+
+    def wait_state(self, study_uid: str, states: set[str], timeout: float = 180.0):  # type: ignore[no-untyped-def]
+        store = self.store()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    job = store.by_study(study_uid)
+                    if job.state.value in states:
+                        return job
+                except KeyError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"node exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.1)
+            raise TimeoutError(f"job not in {states} after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        finally:
+            store.close()
+
+
+def start_node(config: Path, data_dir: Path, port: int) -> NodeProcess:
+    import sys
+
+    log = config.with_suffix(".log")
+    with log.open("ab") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    wait_port(port, 60)
+    return NodeProcess(config, data_dir, port, proc, log)

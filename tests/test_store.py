@@ -141,3 +141,11 @@ def test_concurrent_writers(store: SQLiteJobStore) -> None:
         th.join()
     assert sum(j.instance_count for j in store.jobs()) == 400
     assert len(store.jobs()) == 3
+
+
+def test_restart_gives_receiving_studies_a_new_quiet_period(store: SQLiteJobStore) -> None:
+    store.record_instance(rec(1))
+    later = time.time() + 50
+    assert store.restart_quiet_timers(later) == 1
+    assert store.complete_due(later + 5, quiet_s=10, force_s=1000) == []
+    assert len(store.complete_due(later + 11, quiet_s=10, force_s=1000)) == 1
