@@ -163,7 +163,7 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
-    return run_demo(workdir=args.workdir, kind=args.kind, keep_running=args.keep_running)
+    return run_demo(workdir=args.workdir, kind=args.kind, keep_running=args.keep_running, model_dir=args.model_dir)
 
 
 def cmd_orthanc_config(args: argparse.Namespace) -> int:
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path(".demo"), help="demo data folder (default: ./.demo)")
     p.add_argument("--kind", choices=["mr", "ct", "xr"], default="mr", help="synthetic study to send")
     p.add_argument("--keep-running", action="store_true", help="leave the node running after the demo")
+    p.add_argument("--model-dir", type=Path, help="demo model folder (built if missing; default: WORKDIR/models/demo)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("jobs", help="list, show or retry jobs")
@@ -244,12 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_demo_model)
 
-    p = sub.add_parser("orthanc-config", help="print the Orthanc configuration that connects Orthanc to this node")
+    p = sub.add_parser("orthanc-config",
+                       help="print the Orthanc configuration that connects Orthanc to this node")
     _add_config(p)
-    p.add_argument("--node-host", help="address Orthanc uses to reach this node (default: node.host or 127.0.0.1)")
+    p.add_argument("--node-host",
+                   help="address Orthanc uses to reach this node (default: node.host or 127.0.0.1)")
     p.add_argument("--modality", default="spinemed", help="the node's key in Orthanc's DicomModalities")
     p.add_argument("--plugin-dir", type=Path, default=Path("/usr/share/orthanc/plugins"))
-    p.add_argument("--state-file", type=Path, help="the plugin's state file (default: next to Orthanc's index)")
+    p.add_argument("--state-file", type=Path,
+                   help="the plugin's state file (default: next to Orthanc's index)")
     p.add_argument("--orthanc-url", default="http://127.0.0.1:8042/dicom-web",
                    help="Orthanc's DICOMweb root, for the suggested result destination")
     p.set_defaults(func=cmd_orthanc_config)

@@ -108,21 +108,21 @@ def _send(port: int, paths: list[Path]) -> float:
 def _show(path: Path) -> None:
     dsrdump = shutil.which("dsrdump")
     if dsrdump:
-        out = subprocess.run([dsrdump, "-Ee", "-Ei", str(path)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([dsrdump, "+Pl", str(path)], capture_output=True, text=True, timeout=60)
         print(out.stdout)
     else:  # dcmtk missing: highdicom/pydicom's own rendering of the content tree
         print(pydicom.dcmread(path))
 
 
 def run_demo(*, workdir: Path = Path(".demo"), kind: str = "mr", keep_running: bool = False,
-             timeout_s: float = 600.0) -> int:
+             model_dir: Path | None = None, timeout_s: float = 600.0) -> int:
     """Run the demo; returns 0 when an SR arrived at the destination."""
     from dicom_node.synthetic import make_study
     from inference.demo_model import build_demo_model
 
     workdir = workdir.resolve()
     data_dir = workdir / "node"
-    model_dir = workdir / "models" / "demo"
+    model_dir = (model_dir or workdir / "models" / "demo").resolve()
     for sub in ("node", "study", "results"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
     (workdir / "results").mkdir(parents=True)
