@@ -3,8 +3,8 @@
 The snippet (JSON, to merge into Orthanc's configuration, e.g. ``/etc/orthanc/spinemed.json``) holds:
 
 * ``Plugins``: the Python plugin and the DICOMweb plugin;
-* ``PythonScript``: ``orthanc_plugin/plugin.py`` of this install (the key of the Debian/Orthanc Python
-  plugin 4.x; newer plugin releases also accept ``"Python": {"Path": ...}``);
+* ``PythonScript``: ``orthanc_plugin/plugin.py`` of this install (the top-level key the Orthanc Python
+  plugin reads — checked with the Debian package 4.0; there is no ``"Python": {"Path"}`` form there);
 * ``DicomModalities``: the node as a modality (the plugin C-STOREs stable studies to it);
 * ``UserMetadata``: the two study metadata the plugin writes (Orthanc < 1.12 has no labels);
 * ``DicomWeb``: enabled, so the node can STOW-RS its results back;
