@@ -305,10 +305,14 @@ class SQLiteJobStore:
     def record_instance(self, rec: InstanceRecord, *, source: str = "dicom") -> bool:
         """Record a durably spooled instance; create or re-open its study's job.
 
-        Returns ``False`` when the SOP Instance UID was already recorded (a resend: nothing changes).
+        Returns ``False`` when the SOP Instance UID was already recorded (a resend) or is one of our own
+        results coming back (a routing loop): nothing changes.
         """
         now = time.time()
         with self._tx() as db:
+            if db.execute("SELECT 1 FROM outputs WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)).fetchone():
+                # one of our own results routed back to us (PACS auto-routing, Orthanc): never a new source
+                return False
             cur = db.execute(
                 "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (

@@ -149,3 +149,16 @@ def test_restart_gives_receiving_studies_a_new_quiet_period(store: SQLiteJobStor
     assert store.restart_quiet_timers(later) == 1
     assert store.complete_due(later + 5, quiet_s=10, force_s=1000) == []
     assert len(store.complete_due(later + 11, quiet_s=10, force_s=1000)) == 1
+
+
+def test_our_own_result_routed_back_is_not_a_new_source(store: SQLiteJobStore) -> None:
+    _to_complete(store)
+    job = store.claim("w", time.time(), 60)
+    assert job is not None
+    out = OutputRecord("1.2.3.99", STUDY, 1, "measurement_report", "1.2.840.10008.5.1.4.1.1.88.34", "/o.dcm")
+    store.finish_report(job.id, "w", 1, [out], [])
+    store.transition(job.id, "w", JobState.DONE)
+    echo = InstanceRecord("1.2.3.99", STUDY, "1.2.3.98", out.sop_class_uid, "SR", "SpineMed AI results", "/x.dcm",
+                          "1.2.840.10008.1.2.1", 10, "PACS", time.time())
+    assert not store.record_instance(echo)
+    assert store.get(job.id).state is JobState.DONE
