@@ -23,8 +23,13 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, default=os.environ.get("SPINEMED_CONFIG"),
-                   help="TOML config file (default: $SPINEMED_CONFIG, else embedded defaults)")
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("SPINEMED_CONFIG"),
+        help="TOML config file (default: $SPINEMED_CONFIG, else embedded defaults)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -103,7 +108,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(f"{'id':>5}  {'state':<10} {'rev':>3} {'inst':>5}  {'updated':<19}  reason")
                 for j in rows:
                     upd = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.updated_at))
-                    print(f"{j.id:>5}  {j.state.value:<10} {j.revision:>3} {j.instance_count:>5}  {upd}  {j.reason or ''}")
+                    print(
+                        f"{j.id:>5}  {j.state.value:<10} {j.revision:>3} {j.instance_count:>5}  {upd}  {j.reason or ''}"
+                    )
         elif args.action == "show":
             job = store.get(args.id)
             d = _job_dict(job)
@@ -141,8 +148,14 @@ def cmd_echo(args: argparse.Namespace) -> int:
     else:
         targets = list(config.destinations)
         if not targets:
-            targets = [DestinationConfig(name="self", ae_title=config.node.ae_title, host="127.0.0.1",
-                                         port=config.node.port or 11112)]
+            targets = [
+                DestinationConfig(
+                    name="self",
+                    ae_title=config.node.ae_title,
+                    host="127.0.0.1",
+                    port=config.node.port or 11112,
+                )
+            ]
     rc = 0
     for t in targets:
         ok, msg = echo(t, calling_ae=config.node.ae_title)
@@ -163,18 +176,28 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
-    return run_demo(workdir=args.workdir, kind=args.kind, keep_running=args.keep_running, model_dir=args.model_dir)
+    return run_demo(
+        workdir=args.workdir, kind=args.kind, keep_running=args.keep_running, model_dir=args.model_dir
+    )
 
 
 def cmd_orthanc_config(args: argparse.Namespace) -> int:
     from dicom_node.orthanc_config import node_destination_toml, orthanc_config
 
     config = _config(args)
-    snippet = orthanc_config(config, node_host=args.node_host, modality_name=args.modality,
-                             plugin_dir=args.plugin_dir, state_file=args.state_file)
+    snippet = orthanc_config(
+        config,
+        node_host=args.node_host,
+        modality_name=args.modality,
+        plugin_dir=args.plugin_dir,
+        state_file=args.state_file,
+    )
     print(json.dumps(snippet, indent=2))
-    print("# add to the node's configuration, to send results back to this Orthanc:\n"
-          + node_destination_toml(url=args.orthanc_url), file=sys.stderr)
+    print(
+        "# add to the node's configuration, to send results back to this Orthanc:\n"
+        + node_destination_toml(url=args.orthanc_url),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -216,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path(".demo"), help="demo data folder (default: ./.demo)")
     p.add_argument("--kind", choices=["mr", "ct", "xr"], default="mr", help="synthetic study to send")
     p.add_argument("--keep-running", action="store_true", help="leave the node running after the demo")
-    p.add_argument("--model-dir", type=Path, help="demo model folder (built if missing; default: WORKDIR/models/demo)")
+    p.add_argument(
+        "--model-dir", type=Path, help="demo model folder (built if missing; default: WORKDIR/models/demo)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("jobs", help="list, show or retry jobs")
@@ -240,22 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae-title", default="ANY-SCP")
     p.set_defaults(func=cmd_echo)
 
-    p = sub.add_parser("build-demo-model", help="build the tiny random demo model (demo — not for clinical use)")
+    p = sub.add_parser(
+        "build-demo-model", help="build the tiny random demo model (demo — not for clinical use)"
+    )
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_demo_model)
 
-    p = sub.add_parser("orthanc-config",
-                       help="print the Orthanc configuration that connects Orthanc to this node")
+    p = sub.add_parser(
+        "orthanc-config", help="print the Orthanc configuration that connects Orthanc to this node"
+    )
     _add_config(p)
-    p.add_argument("--node-host",
-                   help="address Orthanc uses to reach this node (default: node.host or 127.0.0.1)")
+    p.add_argument(
+        "--node-host", help="address Orthanc uses to reach this node (default: node.host or 127.0.0.1)"
+    )
     p.add_argument("--modality", default="spinemed", help="the node's key in Orthanc's DicomModalities")
     p.add_argument("--plugin-dir", type=Path, default=Path("/usr/share/orthanc/plugins"))
-    p.add_argument("--state-file", type=Path,
-                   help="the plugin's state file (default: next to Orthanc's index)")
-    p.add_argument("--orthanc-url", default="http://127.0.0.1:8042/dicom-web",
-                   help="Orthanc's DICOMweb root, for the suggested result destination")
+    p.add_argument(
+        "--state-file", type=Path, help="the plugin's state file (default: next to Orthanc's index)"
+    )
+    p.add_argument(
+        "--orthanc-url",
+        default="http://127.0.0.1:8042/dicom-web",
+        help="Orthanc's DICOMweb root, for the suggested result destination",
+    )
     p.set_defaults(func=cmd_orthanc_config)
 
     p = sub.add_parser("version", help="print the version")

@@ -30,8 +30,9 @@ class CompletenessMonitor:
 
     def check(self, now: float | None = None) -> list[Job]:
         c = self.config
-        done = self.store.complete_due(time.time() if now is None else now, c.quiet_seconds, c.force_seconds,
-                                       c.required_series)
+        done = self.store.complete_due(
+            time.time() if now is None else now, c.quiet_seconds, c.force_seconds, c.required_series
+        )
         for job in done:
             log.info("study complete", job=job.id, instances=job.instance_count)
         return done
@@ -40,7 +41,7 @@ class CompletenessMonitor:
         while not self._stop.wait(self.config.check_interval_s):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - keep checking; the error is logged with its traceback
+            except Exception:
                 log.exception("completeness check failed")
 
     def start(self) -> None:

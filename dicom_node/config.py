@@ -14,9 +14,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from dicom_node.errors import ConfigError
+from dicom_node.ops_config import (
+    AuditConfig,
+    HttpConfig,
+    RetentionConfig,
+    StoreConfig,
+    TLSConfig,
+    check_networks,
+    check_secret_file_mode,
+)
 from inference.settings import ModelSettings
 
 __all__ = [
@@ -58,6 +72,9 @@ class NodeSection(_Section):
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     min_free_disk_mb: int = Field(default=1024, ge=0, description="refuse instances below this")
+    allowed_source_networks: list[str] = Field(
+        default_factory=list, description="CIDRs peers may connect from; empty = any"
+    )
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -65,6 +82,11 @@ class NodeSection(_Section):
     @classmethod
     def _check_aes(cls, v: list[str]) -> list[str]:
         return [_check_ae(a) for a in v]
+
+    @field_validator("allowed_source_networks")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        return check_networks(v)
 
 
 class CompletenessConfig(_Section):
@@ -106,7 +128,7 @@ class RoutingRule(_Section):
         default_factory=list, description="regexes on study/series description / protocol name"
     )
     exclude_description_patterns: list[str] = Field(default_factory=list)
-    orientations: list[Orientation] = Field(default_factory=lambda: ["any"])
+    orientations: list[Orientation] = Field(default_factory=lambda: list[Orientation](["any"]))
 
     @field_validator("description_patterns", "exclude_description_patterns")
     @classmethod
@@ -176,6 +198,11 @@ class DestinationConfig(_Section):
     url: str | None = Field(default=None, description="DICOMweb base URL (type = dicomweb)")
     username: str | None = Field(default=None, description="DICOMweb basic-auth user")
     password_env: str | None = Field(default=None, description="env var holding the DICOMweb password")
+    tls: bool = Field(default=False, description="DICOM TLS to this destination (type = dicom)")
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify it; default: system")
+    tls_cert_file: Path | None = Field(default=None, description="our client certificate, if it wants one")
+    tls_key_file: Path | None = Field(default=None, description="the client certificate's key")
+    tls_server_name: str | None = Field(default=None, description="name in its certificate; default host")
 
     @field_validator("ae_title")
     @classmethod
@@ -234,7 +261,10 @@ class NodeConfig(BaseSettings):
     """The whole configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SPINEMED_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+        env_prefix="SPINEMED_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
     )
 
     node: NodeSection = Field(default_factory=NodeSection)
@@ -245,6 +275,11 @@ class NodeConfig(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     output: OutputConfig = Field(default_factory=OutputConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -281,6 +316,10 @@ class NodeConfig(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.node.data_dir / "jobs.sqlite3"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.node.data_dir / "audit" / "audit.jsonl"
 
     @property
     def model_dir(self) -> Path:
@@ -324,13 +363,16 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             raise ConfigError(f"config file {toml_path} does not exist")
         try:
             with toml_path.open("rb") as fh:
-                tomllib.load(fh)
+                raw = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {toml_path} is not valid TOML: {exc}") from exc
+        check_secret_file_mode(toml_path, raw)
     token = _TOML_PATH.set(toml_path)
     try:
         return NodeConfig(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(toml_path) if toml_path else "defaults/environment")) from exc
+        raise ConfigError(
+            _format_errors(exc, str(toml_path) if toml_path else "defaults/environment")
+        ) from exc
     finally:
         _TOML_PATH.reset(token)

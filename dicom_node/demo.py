@@ -83,8 +83,12 @@ def _send(port: int, paths: list[Path]) -> float:
     t0 = time.perf_counter()
     storescu = shutil.which("storescu")
     if storescu:
-        res = subprocess.run([storescu, "-aet", "DEMO-SCU", "-aec", "SPINEMED", "127.0.0.1", str(port),
-                              *map(str, paths)], capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [storescu, "-aet", "DEMO-SCU", "-aec", "SPINEMED", "127.0.0.1", str(port), *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"storescu failed ({res.returncode}): {res.stderr.strip()[-500:]}")
     else:
@@ -114,8 +118,14 @@ def _show(path: Path) -> None:
         print(pydicom.dcmread(path))
 
 
-def run_demo(*, workdir: Path = Path(".demo"), kind: str = "mr", keep_running: bool = False,
-             model_dir: Path | None = None, timeout_s: float = 600.0) -> int:
+def run_demo(
+    *,
+    workdir: Path = Path(".demo"),
+    kind: str = "mr",
+    keep_running: bool = False,
+    model_dir: Path | None = None,
+    timeout_s: float = 600.0,
+) -> int:
     """Run the demo; returns 0 when an SR arrived at the destination."""
     from dicom_node.synthetic import make_study
     from inference.demo_model import build_demo_model
@@ -141,12 +151,29 @@ def run_demo(*, workdir: Path = Path(".demo"), kind: str = "mr", keep_running: b
     if storescp is None:
         _say("dcmtk storescp not found: install dcmtk (scripts/demo does) to receive the results")
         return 1
-    procs.append(subprocess.Popen([storescp, "--aetitle", "RESULTS", "--output-directory", str(workdir / "results"),
-                                   "--accept-all", "--filename-extension", ".dcm", str(dest_port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    procs.append(
+        subprocess.Popen(
+            [
+                storescp,
+                "--aetitle",
+                "RESULTS",
+                "--output-directory",
+                str(workdir / "results"),
+                "--accept-all",
+                "--filename-extension",
+                ".dcm",
+                str(dest_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     log = (workdir / "node.log").open("wb")
-    node = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     procs.append(node)
     try:
         _wait_port(dest_port, 20, procs[0])
@@ -158,8 +185,10 @@ def run_demo(*, workdir: Path = Path(".demo"), kind: str = "mr", keep_running: b
         paths = list(study.paths)
         secs = _send(port, paths)
         sent_at = time.time()
-        _say(f"sent synthetic {kind.upper()} study: {len(paths)} instances in {secs:.2f} s "
-             f"({len(paths) / secs:.0f} instances/s) with storescu")
+        _say(
+            f"sent synthetic {kind.upper()} study: {len(paths)} instances in {secs:.2f} s "
+            f"({len(paths) / secs:.0f} instances/s) with storescu"
+        )
 
         store = SQLiteJobStore(data_dir / "jobs.sqlite3")
         last: JobState | None = None
@@ -190,13 +219,21 @@ def run_demo(*, workdir: Path = Path(".demo"), kind: str = "mr", keep_running: b
         for p in results:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
             _say(f"  {p.name}: {ds.Modality} {ds.SOPClassUID.name} — {ds.get('SeriesDescription', '')}")
-        _say(f"seconds from last instance sent to result delivered: {done_at - sent_at:.1f} "
-             f"(includes the {2.0:.0f} s quiet period)")
+        _say(
+            f"seconds from last instance sent to result delivered: {done_at - sent_at:.1f} "
+            f"(includes the {2.0:.0f} s quiet period)"
+        )
         if not srs:
             _say("no SR among the results")
             return 1
-        measurement = next((p for p in srs if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID
-                            == "1.2.840.10008.5.1.4.1.1.88.34"), srs[0])
+        measurement = next(
+            (
+                p
+                for p in srs
+                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+            ),
+            srs[0],
+        )
         _say(f"dsrdump {measurement}:")
         _show(measurement)
         _say("demo model — not for clinical use: the findings above are random, the DICOM plumbing is real.")
@@ -205,11 +242,11 @@ def run_demo(*, workdir: Path = Path(".demo"), kind: str = "mr", keep_running: b
             procs.remove(node)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
                 try:
-                    p.wait(timeout=20)
+                    proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    p.kill()
+                    proc.kill()
         log.close()

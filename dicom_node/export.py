@@ -67,14 +67,21 @@ def send_files(
     datasets = [(Path(p), pydicom.dcmread(p)) for p in paths]
     ae = _ae(calling_ae, timeout_s)
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
-        ae.requested_contexts.append(build_context(sop_class, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]))
+        ae.requested_contexts.append(
+            build_context(sop_class, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
+        )
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers())
     except (OSError, RuntimeError, ValueError) as exc:
-        return [SendResult(p, str(ds.SOPInstanceUID), False, None, f"cannot associate: {exc}") for p, ds in datasets]
+        return [
+            SendResult(p, str(ds.SOPInstanceUID), False, None, f"cannot associate: {exc}")
+            for p, ds in datasets
+        ]
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return [SendResult(p, str(ds.SOPInstanceUID), False, None, f"{why} by {dest.name}") for p, ds in datasets]
+        return [
+            SendResult(p, str(ds.SOPInstanceUID), False, None, f"{why} by {dest.name}") for p, ds in datasets
+        ]
     results: list[SendResult] = []
     try:
         for path, ds in datasets:

@@ -58,7 +58,10 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 def storage_contexts() -> list[PresentationContext]:
     """Every storage SOP class (plus Verification) with every accepted transfer syntax."""
-    contexts = [build_context(cx.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts]
+    contexts = [
+        build_context(str(cx.abstract_syntax), list(ACCEPTED_TRANSFER_SYNTAXES))
+        for cx in AllStoragePresentationContexts
+    ]
     contexts.append(build_context(Verification, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]))
     return contexts
 
@@ -72,6 +75,6 @@ def _on_conn_open(event: Any) -> None:
     set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
 
 
-def nodelay_handlers() -> list[tuple[Any, Any]]:
+def nodelay_handlers() -> list[Any]:
     """Event handlers to bind on every association (acceptor and requestor)."""
     return [(evt.EVT_CONN_OPEN, _on_conn_open)]

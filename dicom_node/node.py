@@ -79,6 +79,7 @@ def run_worker(config: NodeConfig, *, parent_pid: int | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     if parent_pid is not None:
+
         def _watch_parent() -> None:
             while os.getppid() == parent_pid:
                 time.sleep(1.0)

@@ -83,7 +83,7 @@ class Receiver:
         self.ae = ae
 
     # ------------------------------------------------------------------ handlers
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:
         """All event handlers, registered in one place."""
         return [
             *nodelay_handlers(),
@@ -116,15 +116,22 @@ class Receiver:
             series_uid = str(ds.SeriesInstanceUID)
             modality = str(ds.get("Modality", "") or "")
             series_desc = str(ds.get("SeriesDescription", "") or "")
-        except Exception as exc:  # noqa: BLE001 - any decode failure of peer data is a refusal, logged
+        except Exception as exc:
             self.stats.add(refused=1)
-            log.warning("instance refused: cannot decode dataset", calling_ae=calling,
-                        error=type(exc).__name__, detail=str(exc)[:200])
+            log.warning(
+                "instance refused: cannot decode dataset",
+                calling_ae=calling,
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+            )
             return STATUS_CANNOT_UNDERSTAND
         if sop_uid != str(req.AffectedSOPInstanceUID) or sop_class != str(req.AffectedSOPClassUID):
             self.stats.add(refused=1)
-            log.warning("instance refused: dataset UIDs differ from the C-STORE request", calling_ae=calling,
-                        sop=phi_hash(sop_uid))
+            log.warning(
+                "instance refused: dataset UIDs differ from the C-STORE request",
+                calling_ae=calling,
+                sop=phi_hash(sop_uid),
+            )
             return STATUS_DATASET_MISMATCH
         try:
             data = event.encoded_dataset(include_meta=True)
@@ -162,8 +169,10 @@ class Receiver:
     def start(self) -> int:
         """Start listening in background threads; returns the bound port."""
         n = self.config.node
-        self._server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=self.handlers())
-        port = int(self._server.server_address[1])
+        server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=self.handlers())
+        assert server is not None  # block=False always returns the server
+        self._server = server
+        port = int(server.server_address[1])
         log.info("listening", ae_title=n.ae_title, host=n.host, port=port)
         return port
 

@@ -86,8 +86,11 @@ def select_series(study: Study, rules: Sequence[RoutingRule]) -> Selection:
     decisions: list[SeriesDecision] = []
     for series in study.series:
         if series.modality.upper() in _NON_IMAGE_MODALITIES:
-            decisions.append(SeriesDecision(series.series_instance_uid, False, None,
-                                            f"{series.modality} is not an image series"))
+            decisions.append(
+                SeriesDecision(
+                    series.series_instance_uid, False, None, f"{series.modality} is not an image series"
+                )
+            )
             continue
         reasons: list[str] = []
         chosen: str | None = None
@@ -100,6 +103,9 @@ def select_series(study: Study, rules: Sequence[RoutingRule]) -> Selection:
         if chosen is not None:
             decisions.append(SeriesDecision(series.series_instance_uid, True, chosen, f"matched {chosen!r}"))
         else:
-            decisions.append(SeriesDecision(series.series_instance_uid, False, None,
-                                            "; ".join(reasons) or "no routing rules"))
+            decisions.append(
+                SeriesDecision(
+                    series.series_instance_uid, False, None, "; ".join(reasons) or "no routing rules"
+                )
+            )
     return Selection(tuple(decisions))

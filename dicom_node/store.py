@@ -126,7 +126,12 @@ class JobStore(Protocol):
     def transition(self, job_id: int, owner: str, to: JobState, *, reason: str | None = None) -> Job: ...
     def release(self, job_id: int, owner: str) -> None: ...
     def finish_report(
-        self, job_id: int, owner: str, revision: int, outputs: Sequence[OutputRecord], destinations: Sequence[str]
+        self,
+        job_id: int,
+        owner: str,
+        revision: int,
+        outputs: Sequence[OutputRecord],
+        destinations: Sequence[str],
     ) -> Job: ...
     def get(self, job_id: int) -> Job: ...
     def by_study(self, study_uid: str) -> Job: ...
@@ -135,8 +140,14 @@ class JobStore(Protocol):
     def outputs(self, study_uid: str, revision: int | None = None) -> list[OutputRecord]: ...
     def deliveries(self, study_uid: str, revision: int | None = None) -> list[Delivery]: ...
     def record_delivery(
-        self, output_uid: str, destination: str, ok: bool, status: str | None, error: str | None,
-        next_attempt_at: float | None, give_up: bool,
+        self,
+        output_uid: str,
+        destination: str,
+        ok: bool,
+        status: str | None,
+        error: str | None,
+        next_attempt_at: float | None,
+        give_up: bool,
     ) -> None: ...
     def set_next_attempt(self, job_id: int, owner: str, at: float) -> None: ...
     def force_release(self, job_id: int) -> None: ...
@@ -223,10 +234,24 @@ _JOB_COLUMNS = (
 def _job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
     r = tuple(row)
     return Job(
-        id=r[0], study_instance_uid=r[1], state=JobState(r[2]), revision=r[3], attempts=r[4], reason=r[5],
-        source=r[6], instance_count=r[7], first_received_at=r[8], last_received_at=r[9], completed_at=r[10],
-        created_at=r[11], updated_at=r[12], next_attempt_at=r[13], lease_owner=r[14], lease_until=r[15],
-        pending_update=bool(r[16]), timings=json.loads(r[17] or "{}"),
+        id=r[0],
+        study_instance_uid=r[1],
+        state=JobState(r[2]),
+        revision=r[3],
+        attempts=r[4],
+        reason=r[5],
+        source=r[6],
+        instance_count=r[7],
+        first_received_at=r[8],
+        last_received_at=r[9],
+        completed_at=r[10],
+        created_at=r[11],
+        updated_at=r[12],
+        next_attempt_at=r[13],
+        lease_owner=r[14],
+        lease_until=r[15],
+        pending_update=bool(r[16]),
+        timings=json.loads(r[17] or "{}"),
     )
 
 
@@ -310,15 +335,25 @@ class SQLiteJobStore:
         """
         now = time.time()
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM outputs WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)).fetchone():
+            if db.execute(
+                "SELECT 1 FROM outputs WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+            ).fetchone():
                 # one of our own results routed back to us (PACS auto-routing, Orthanc): never a new source
                 return False
             cur = db.execute(
                 "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    rec.sop_instance_uid, rec.study_instance_uid, rec.series_instance_uid, rec.sop_class_uid,
-                    rec.modality, rec.series_description, rec.path, rec.transfer_syntax_uid, rec.size,
-                    rec.calling_ae, rec.received_at,
+                    rec.sop_instance_uid,
+                    rec.study_instance_uid,
+                    rec.series_instance_uid,
+                    rec.sop_class_uid,
+                    rec.modality,
+                    rec.series_description,
+                    rec.path,
+                    rec.transfer_syntax_uid,
+                    rec.size,
+                    rec.calling_ae,
+                    rec.received_at,
                 ),
             )
             if cur.rowcount == 0:
@@ -330,7 +365,9 @@ class SQLiteJobStore:
                     "last_received_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
                     (rec.study_instance_uid, JobState.RECEIVING, source, 1, now, now, now, now),
                 )
-                self._event(db, rec.study_instance_uid, None, JobState.RECEIVING, f"first instance from {source}")
+                self._event(
+                    db, rec.study_instance_uid, None, JobState.RECEIVING, f"first instance from {source}"
+                )
             elif job.state is JobState.RECEIVING:
                 db.execute(
                     "UPDATE jobs SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ? "
@@ -345,7 +382,9 @@ class SQLiteJobStore:
                     "WHERE id = ?",
                     (JobState.RECEIVING, now, now, now, job.id),
                 )
-                self._event(db, job.study_instance_uid, job.state, JobState.RECEIVING, "new instance: re-opened")
+                self._event(
+                    db, job.study_instance_uid, job.state, JobState.RECEIVING, "new instance: re-opened"
+                )
             else:
                 # the worker holds it: finish the current revision, then re-open
                 db.execute(
@@ -374,14 +413,19 @@ class SQLiteJobStore:
                 forced = job.first_received_at is not None and job.first_received_at <= now - force_s
                 if patterns and not forced:
                     descs = [
-                        d for (d,) in db.execute(
+                        d
+                        for (d,) in db.execute(
                             "SELECT DISTINCT series_description FROM instances WHERE study_uid = ?",
                             (job.study_instance_uid,),
                         )
                     ]
                     if not all(any(p.search(d) for d in descs) for p in patterns):
                         continue
-                detail = "forced: open too long" if forced and (job.last_received_at or 0) > now - quiet_s else "quiet"
+                detail = (
+                    "forced: open too long"
+                    if forced and (job.last_received_at or 0) > now - quiet_s
+                    else "quiet"
+                )
                 db.execute(
                     "UPDATE jobs SET state = ?, completed_at = ?, updated_at = ? WHERE id = ?",
                     (JobState.COMPLETE, now, now, job.id),
@@ -423,7 +467,9 @@ class SQLiteJobStore:
             if job.state in (JobState.INFERRING, JobState.REPORTING):
                 # a previous worker died mid-analysis: nothing was exported, start the analysis again
                 db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.COMPLETE, job.id))
-                self._event(db, job.study_instance_uid, job.state, JobState.COMPLETE, "reclaimed after lease expiry")
+                self._event(
+                    db, job.study_instance_uid, job.state, JobState.COMPLETE, "reclaimed after lease expiry"
+                )
             return self._fetch_job(db, "id = ?", (job.id,))
 
     def _owned(self, db: sqlite3.Connection, job_id: int, owner: str) -> Job:
@@ -468,7 +514,12 @@ class SQLiteJobStore:
             db.execute("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ?", (job_id,))
 
     def finish_report(
-        self, job_id: int, owner: str, revision: int, outputs: Sequence[OutputRecord], destinations: Sequence[str]
+        self,
+        job_id: int,
+        owner: str,
+        revision: int,
+        outputs: Sequence[OutputRecord],
+        destinations: Sequence[str],
     ) -> Job:
         """Record the written result objects and their pending deliveries, and move to exporting."""
         now = time.time()
@@ -497,8 +548,14 @@ class SQLiteJobStore:
             return out
 
     def record_delivery(
-        self, output_uid: str, destination: str, ok: bool, status: str | None, error: str | None,
-        next_attempt_at: float | None, give_up: bool,
+        self,
+        output_uid: str,
+        destination: str,
+        ok: bool,
+        status: str | None,
+        error: str | None,
+        next_attempt_at: float | None,
+        give_up: bool,
     ) -> None:
         now = time.time()
         state = "delivered" if ok else ("failed" if give_up else "pending")
@@ -530,7 +587,9 @@ class SQLiteJobStore:
             if job is None:
                 raise JobNotFoundError(job_id)
             if job.state not in (JobState.FAILED, JobState.SKIPPED, JobState.DONE):
-                raise StoreError(f"job {job_id} is {job.state}; only failed, skipped or done jobs can be retried")
+                raise StoreError(
+                    f"job {job_id} is {job.state}; only failed, skipped or done jobs can be retried"
+                )
             undelivered = db.execute(
                 "SELECT COUNT(*) FROM deliveries d JOIN outputs o ON o.sop_instance_uid = d.output_uid "
                 "WHERE o.study_uid = ? AND o.revision = ? AND d.state != 'delivered'",
@@ -573,15 +632,22 @@ class SQLiteJobStore:
         db = self._conn()
         if states:
             marks = ",".join("?" * len(states))
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id", tuple(states))
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id", tuple(states)
+            )
         else:
             rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id")
         return [_job(r) for r in rows.fetchall()]
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
-        rows = self._conn().execute(
-            "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid", (study_uid,)
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid",
+                (study_uid,),
+            )
+            .fetchall()
+        )
         return [InstanceRecord(*r) for r in rows]
 
     def outputs(self, study_uid: str, revision: int | None = None) -> list[OutputRecord]:
@@ -589,12 +655,14 @@ class SQLiteJobStore:
         if revision is None:
             rows = db.execute(
                 "SELECT sop_instance_uid, study_uid, revision, kind, sop_class_uid, path FROM outputs "
-                "WHERE study_uid = ? ORDER BY revision, kind", (study_uid,)
+                "WHERE study_uid = ? ORDER BY revision, kind",
+                (study_uid,),
             )
         else:
             rows = db.execute(
                 "SELECT sop_instance_uid, study_uid, revision, kind, sop_class_uid, path FROM outputs "
-                "WHERE study_uid = ? AND revision = ? ORDER BY kind", (study_uid, revision)
+                "WHERE study_uid = ? AND revision = ? ORDER BY kind",
+                (study_uid, revision),
             )
         return [OutputRecord(*r) for r in rows.fetchall()]
 
@@ -608,12 +676,19 @@ class SQLiteJobStore:
         if revision is not None:
             sql += " AND o.revision = ?"
             args += (revision,)
-        return [Delivery(*r) for r in self._conn().execute(sql + " ORDER BY d.output_uid, d.destination", args)]
+        return [
+            Delivery(*r) for r in self._conn().execute(sql + " ORDER BY d.output_uid, d.destination", args)
+        ]
 
     def events(self, study_uid: str) -> list[dict[str, Any]]:
-        rows = self._conn().execute(
-            "SELECT at, from_state, to_state, detail FROM events WHERE study_uid = ? ORDER BY id", (study_uid,)
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT at, from_state, to_state, detail FROM events WHERE study_uid = ? ORDER BY id",
+                (study_uid,),
+            )
+            .fetchall()
+        )
         return [{"at": r[0], "from": r[1], "to": r[2], "detail": r[3]} for r in rows]
 
     def counts(self) -> dict[str, int]:

@@ -102,7 +102,7 @@ class Worker:
                 job = self._analyse(job)
             if job.state is JobState.EXPORTING:
                 self._export(job)
-        except Exception as exc:  # noqa: BLE001 - recorded as the job's failure reason and logged with traceback
+        except Exception as exc:
             log.exception("job failed with an internal error", job=job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
         return True
@@ -119,14 +119,18 @@ class Worker:
         try:
             study = load_study([r.path for r in records], study_instance_uid=job.study_instance_uid)
         except StudyError as exc:
-            return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}")
+            return self.store.transition(
+                job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}"
+            )
         revision = job.revision + 1
         predecessors = self._previous_outputs(job)
         try:
             outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors)
         except InferenceError as exc:
             log.warning("analysis failed", job=job.id, error=type(exc).__name__, reason=str(exc)[:300])
-            return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}")
+            return self.store.transition(
+                job.id, self.owner, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}"
+            )
         if outcome.skipped_reason is not None:
             log.info("study skipped", job=job.id)
             return self.store.transition(job.id, self.owner, JobState.SKIPPED, reason=outcome.skipped_reason)
@@ -137,17 +141,31 @@ class Worker:
             kind = output_kind(ds)
             path = out_dir / f"{kind}-{ds.SOPInstanceUID}.dcm"
             write_dataset_atomic(ds, path)
-            records_out.append(OutputRecord(str(ds.SOPInstanceUID), job.study_instance_uid, revision, kind,
-                                            str(ds.SOPClassUID), str(path)))
+            records_out.append(
+                OutputRecord(
+                    str(ds.SOPInstanceUID),
+                    job.study_instance_uid,
+                    revision,
+                    kind,
+                    str(ds.SOPClassUID),
+                    str(path),
+                )
+            )
         destinations = [] if self.config.routing.dry_run else [d.name for d in self.config.destinations]
-        log.info("results written", job=job.id, revision=revision, objects=len(records_out),
-                 seconds={k: round(v, 3) for k, v in outcome.seconds.items()}, dry_run=self.config.routing.dry_run)
+        log.info(
+            "results written",
+            job=job.id,
+            revision=revision,
+            objects=len(records_out),
+            seconds={k: round(v, 3) for k, v in outcome.seconds.items()},
+            dry_run=self.config.routing.dry_run,
+        )
         return self.store.finish_report(job.id, self.owner, revision, records_out, destinations)
 
     def _previous_outputs(self, job: Job) -> list[Dataset]:
         if job.revision < 1:
             return []
-        out = []
+        out: list[Dataset] = []
         for rec in self.store.outputs(job.study_instance_uid, job.revision):
             if rec.kind in ("measurement_report", "narrative_report") and Path(rec.path).is_file():
                 out.append(pydicom.dcmread(rec.path))
@@ -155,18 +173,25 @@ class Worker:
 
     def _export(self, job: Job) -> None:
         cfg = self.config
-        pending = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
+        pending = [
+            d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"
+        ]
         failed = [d for d in pending if d.state == "failed"]
         if failed:
-            reason = "; ".join(f"{d.destination}: {d.last_error}" for d in failed[:5])
-            self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"delivery failed: {reason}")
+            why = "; ".join(f"{d.destination}: {d.last_error}" for d in failed[:5])
+            self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"delivery failed: {why}")
             return
         if not pending:
-            reason = "dry run: results written, not exported" if cfg.routing.dry_run else (
-                None if cfg.destinations else "no destinations configured: results kept on disk")
+            reason: str | None = (
+                "dry run: results written, not exported"
+                if cfg.routing.dry_run
+                else (None if cfg.destinations else "no destinations configured: results kept on disk")
+            )
             self.store.transition(job.id, self.owner, JobState.DONE, reason=reason)
             return
-        paths = {o.sop_instance_uid: Path(o.path) for o in self.store.outputs(job.study_instance_uid, job.revision)}
+        paths = {
+            o.sop_instance_uid: Path(o.path) for o in self.store.outputs(job.study_instance_uid, job.revision)
+        }
         by_dest: dict[str, list[str]] = defaultdict(list)
         for d in pending:
             by_dest[d.destination].append(d.output_uid)
@@ -178,32 +203,56 @@ class Worker:
             dest = dests.get(name)
             if dest is None:
                 for u in uids:
-                    self.store.record_delivery(u, name, False, None, "destination no longer configured", None, True)
+                    self.store.record_delivery(
+                        u, name, False, None, "destination no longer configured", None, True
+                    )
                 gave_up.append(f"{name}: no longer configured")
                 continue
-            results = deliver(dest, [paths[u] for u in uids],
-                                 calling_ae=cfg.export.calling_ae_title or cfg.node.ae_title,
-                                 timeout_s=cfg.export.timeout_s)
+            results = deliver(
+                dest,
+                [paths[u] for u in uids],
+                calling_ae=cfg.export.calling_ae_title or cfg.node.ae_title,
+                timeout_s=cfg.export.timeout_s,
+            )
             give_up = attempts >= cfg.export.max_attempts
-            nxt = None if give_up else time.time() + backoff_delay(attempts, cfg.export.backoff_initial_s,
-                                                                 cfg.export.backoff_max_s)
+            nxt = (
+                None
+                if give_up
+                else time.time()
+                + backoff_delay(attempts, cfg.export.backoff_initial_s, cfg.export.backoff_max_s)
+            )
             for r in results:
                 status = None if r.status is None else f"0x{r.status:04X}"
-                self.store.record_delivery(r.sop_instance_uid, name, r.delivered, status, r.error,
-                                           None if r.delivered else nxt, give_up and not r.delivered)
+                self.store.record_delivery(
+                    r.sop_instance_uid,
+                    name,
+                    r.delivered,
+                    status,
+                    r.error,
+                    None if r.delivered else nxt,
+                    give_up and not r.delivered,
+                )
                 if not r.delivered:
-                    log.warning("delivery failed", job=job.id, destination=name, attempt=attempts, error=r.error)
+                    log.warning(
+                        "delivery failed", job=job.id, destination=name, attempt=attempts, error=r.error
+                    )
                     if give_up:
                         gave_up.append(f"{name}: {r.error}")
             max_attempts = max(max_attempts, attempts)
-        remaining = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
+        remaining = [
+            d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"
+        ]
         if not remaining:
             log.info("delivered", job=job.id, revision=job.revision)
             self.store.transition(job.id, self.owner, JobState.DONE)
         elif gave_up or any(d.state == "failed" for d in remaining):
             reason = "; ".join(gave_up[:5]) or "delivery failed"
-            self.store.transition(job.id, self.owner, JobState.FAILED,
-                                  reason=f"delivery failed after {cfg.export.max_attempts} attempts: {reason}")
+            self.store.transition(
+                job.id,
+                self.owner,
+                JobState.FAILED,
+                reason=f"delivery failed after {cfg.export.max_attempts} attempts: {reason}",
+            )
         else:
             nxt_at = min(d.next_attempt_at or time.time() for d in remaining)
             self.store.set_next_attempt(job.id, self.owner, nxt_at)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from itertools import pairwise
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,9 +32,9 @@ __all__ = [
     "FindingType",
     "ImagePlane",
     "InputImage",
+    "Laterality",
     "LevelError",
     "LevelFinding",
-    "Laterality",
     "Measurement",
     "MeasurementType",
     "ModelAnswer",
@@ -68,7 +69,7 @@ VERTEBRAE: tuple[str, ...] = (
 
 #: Motion segments: each pair of consecutive vertebrae, plus T12-L1 and L5-S1 without transitional ones.
 SEGMENTS: tuple[str, ...] = (
-    *(f"{a}-{b}" for a, b in zip(VERTEBRAE, VERTEBRAE[1:], strict=False)),
+    *(f"{a}-{b}" for a, b in pairwise(VERTEBRAE)),
     "T12-L1",
     "L5-S1",
 )

@@ -139,7 +139,7 @@ def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: s
     headers: list[tuple[Path, pydicom.Dataset]] = []
     for path in _expand(paths):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds: pydicom.Dataset = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
             continue
         if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:

@@ -69,9 +69,20 @@ def start_storescp(tmp: Path, ae_title: str = "RESULTS", port: int | None = None
     out = tmp / f"storescp-{port}"
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [exe, "--aetitle", ae_title, "--output-directory", str(out), "--accept-all", "--filename-extension",
-         ".dcm", "--unique-filenames", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            exe,
+            "--aetitle",
+            ae_title,
+            "--output-directory",
+            str(out),
+            "--accept-all",
+            "--filename-extension",
+            ".dcm",
+            "--unique-filenames",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_port(port)
     return StoreSCP(ae_title, port, out, proc)
@@ -85,8 +96,14 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.proc.wait(timeout=10)
 
 
-def storescu(port: int, paths: list[Path], *, called: str = "SPINEMED", calling: str = "STORESCU",
-             extra: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    paths: list[Path],
+    *,
+    called: str = "SPINEMED",
+    calling: str = "STORESCU",
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     exe = require_tool("storescu")
     cmd = [exe, "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -107,8 +124,15 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
-def node_config_text(data_dir: Path, model_dir: Path, port: int, destinations: list[tuple[str, str, int]],
-                     *, quiet: float = 1.0, extra: str = "") -> str:
+def node_config_text(
+    data_dir: Path,
+    model_dir: Path,
+    port: int,
+    destinations: list[tuple[str, str, int]],
+    *,
+    quiet: float = 1.0,
+    extra: str = "",
+) -> str:
     dests = "".join(
         f'\n[[destinations]]\nname = "{n}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {p}\n'
         for n, ae, p in destinations
@@ -187,7 +211,11 @@ def start_node(config: Path, data_dir: Path, port: int) -> NodeProcess:
 
     log = config.with_suffix(".log")
     with log.open("ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     wait_port(port, 60)
     return NodeProcess(config, data_dir, port, proc, log)

@@ -36,12 +36,17 @@ def test_defaults_are_valid() -> None:
         ("[node]\nae_title = 'A\\\\B'\n", "node.ae_title"),
         ("[node]\nae_title = 'ABCDEFGHIJKLMNOPQ'\n", "node.ae_title"),
         ("[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=0\n", "destinations.0.port"),
-        ("[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104\n"
-         "[[destinations]]\nname='p'\nae_title='Q'\nhost='h'\nport=105\n", "duplicate name"),
+        (
+            "[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104\n"
+            "[[destinations]]\nname='p'\nae_title='Q'\nhost='h'\nport=105\n",
+            "duplicate name",
+        ),
         ("[model]\nbackend = 'gpt'\n", "model.backend"),
         ("[completeness]\nquiet_seconds = 100\nforce_seconds = 10\n", "force_seconds"),
-        ("[[routing.rules]]\nname='x'\nmodalities=['MR']\ndescription_patterns=['(']\n",
-         "routing.rules.0.description_patterns"),
+        (
+            "[[routing.rules]]\nname='x'\nmodalities=['MR']\ndescription_patterns=['(']\n",
+            "routing.rules.0.description_patterns",
+        ),
         ("[output]\nuid_prefix = '1.2.x.'\n", "output.uid_prefix"),
     ],
 )
@@ -66,7 +71,7 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert cfg.node.port == 4321
     assert cfg.node.ae_title == "FROMFILE"
     monkeypatch.setenv("SPINEMED_NODE__PORT", "not-a-port")
-    with pytest.raises(ConfigError, match="node.port"):
+    with pytest.raises(ConfigError, match=r"node\.port"):
         load_config(path)
 
 
@@ -87,8 +92,13 @@ def _flatten(d: object, prefix: str = "") -> set[str]:
     out: set[str] = set()
     if isinstance(d, dict):
         for k, v in d.items():
-            out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict | list) and v and not (
-                isinstance(v, list) and not isinstance(v[0], dict)) else {f"{prefix}{k}"}
+            out |= (
+                _flatten(v, f"{prefix}{k}.")
+                if isinstance(v, dict | list)
+                and v
+                and not (isinstance(v, list) and not isinstance(v[0], dict))
+                else {f"{prefix}{k}"}
+            )
     elif isinstance(d, list):
         for item in d:
             out |= _flatten(item, prefix)

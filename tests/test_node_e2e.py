@@ -14,9 +14,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import (
+    REPO,
+    NodeProcess,
+    StoreSCP,
+    free_port,
+    node_config_text,
+    start_node,
+    start_storescp,
+    storescu,
+)
 from pydicom.uid import Comprehensive3DSRStorage
 
-from conftest import REPO, NodeProcess, StoreSCP, free_port, node_config_text, start_node, start_storescp, storescu
 from dicom_node.synthetic import make_chest_radiograph, make_lumbar_mr
 
 pytestmark = pytest.mark.slow
@@ -40,7 +49,9 @@ def node_and_dest(tmp_path: Path, demo_model_dir: Path) -> Iterator[tuple[NodePr
     scp = start_storescp(tmp_path)
     port = free_port()
     cfg = tmp_path / "node.toml"
-    cfg.write_text(node_config_text(tmp_path / "data", demo_model_dir, port, [("results", scp.ae_title, scp.port)]))
+    cfg.write_text(
+        node_config_text(tmp_path / "data", demo_model_dir, port, [("results", scp.ae_title, scp.port)])
+    )
     node = start_node(cfg, tmp_path / "data", port)
     yield node, scp
     node.stop()
@@ -48,8 +59,9 @@ def node_and_dest(tmp_path: Path, demo_model_dir: Path) -> Iterator[tuple[NodePr
     scp.proc.wait(timeout=10)
 
 
-def test_study_over_storescu_yields_exactly_one_report(node_and_dest: tuple[NodeProcess, StoreSCP],
-                                                       tmp_path: Path) -> None:
+def test_study_over_storescu_yields_exactly_one_report(
+    node_and_dest: tuple[NodeProcess, StoreSCP], tmp_path: Path
+) -> None:
     node, scp = node_and_dest
     study = make_lumbar_mr(tmp_path / "mr", slices=7, size=128)
     res = storescu(node.port, list(study.paths))
@@ -75,7 +87,9 @@ def test_study_over_storescu_yields_exactly_one_report(node_and_dest: tuple[Node
     assert states[:6] == ["receiving", "complete", "inferring", "reporting", "exporting", "done"]
 
 
-def test_non_spine_study_is_skipped_with_reason(node_and_dest: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
+def test_non_spine_study_is_skipped_with_reason(
+    node_and_dest: tuple[NodeProcess, StoreSCP], tmp_path: Path
+) -> None:
     node, scp = node_and_dest
     chest = make_chest_radiograph(tmp_path / "chest")
     assert storescu(node.port, list(chest.paths)).returncode == 0
@@ -91,8 +105,11 @@ def test_sigkill_mid_study_then_restart_yields_one_report(tmp_path: Path, demo_m
     port = free_port()
     cfg = tmp_path / "node.toml"
     # a long quiet period so the study is still receiving when the node dies
-    cfg.write_text(node_config_text(tmp_path / "data", demo_model_dir, port, [("results", scp.ae_title, scp.port)],
-                                    quiet=3.0))
+    cfg.write_text(
+        node_config_text(
+            tmp_path / "data", demo_model_dir, port, [("results", scp.ae_title, scp.port)], quiet=3.0
+        )
+    )
     study = make_lumbar_mr(tmp_path / "mr", slices=7, size=128)
     paths = list(study.paths)
     node = start_node(cfg, tmp_path / "data", port)
@@ -114,10 +131,14 @@ def test_sigkill_mid_study_then_restart_yields_one_report(tmp_path: Path, demo_m
         scp.proc.terminate()
 
 
-def test_late_instance_produces_a_revision(node_and_dest: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
+def test_late_instance_produces_a_revision(
+    node_and_dest: tuple[NodeProcess, StoreSCP], tmp_path: Path
+) -> None:
     node, scp = node_and_dest
     study = make_lumbar_mr(tmp_path / "mr", slices=7, size=128, with_axial=True)
-    axial = [p for p in study.paths if pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription == "AX T2"]
+    axial = [
+        p for p in study.paths if pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription == "AX T2"
+    ]
     first = [p for p in study.paths if p not in axial]
     assert storescu(node.port, first).returncode == 0
     job = node.wait_state(study.study_instance_uid, {"done", "failed"})
@@ -137,8 +158,12 @@ def test_late_instance_produces_a_revision(node_and_dest: tuple[NodeProcess, Sto
     assert len(reports) == 2
     second = next(r for r in reports if "PredecessorDocumentsSequence" in r)
     first_uid = next(r.SOPInstanceUID for r in reports if r is not second)
-    refs = [i.ReferencedSOPInstanceUID for s in second.PredecessorDocumentsSequence
-            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    refs = [
+        i.ReferencedSOPInstanceUID
+        for s in second.PredecessorDocumentsSequence
+        for se in s.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    ]
     assert first_uid in refs
 
 
@@ -146,7 +171,9 @@ def test_destination_down_then_up_is_delivered(tmp_path: Path, demo_model_dir: P
     dest_port = free_port()
     port = free_port()
     cfg = tmp_path / "node.toml"
-    cfg.write_text(node_config_text(tmp_path / "data", demo_model_dir, port, [("results", "RESULTS", dest_port)]))
+    cfg.write_text(
+        node_config_text(tmp_path / "data", demo_model_dir, port, [("results", "RESULTS", dest_port)])
+    )
     node = start_node(cfg, tmp_path / "data", port)
     scp = None
     try:
@@ -173,32 +200,64 @@ def test_destination_down_then_up_is_delivered(tmp_path: Path, demo_model_dir: P
 
 
 def test_analyze_cli_writes_results_without_network(tmp_path: Path, demo_model_dir: Path) -> None:
-    study = make_lumbar_mr(tmp_path / "mr", slices=5, size=128)
+    make_lumbar_mr(tmp_path / "mr", slices=5, size=128)
     out = tmp_path / "out"
     env_cfg = tmp_path / "a.toml"
-    env_cfg.write_text(f'[model]\nbackend = "demo"\npath = "{demo_model_dir}"\n[node]\ndata_dir = "{tmp_path}"\n')
-    res = subprocess.run([sys.executable, "-m", "dicom_node", "analyze", str(tmp_path / "mr"), "--out", str(out),
-                          "--config", str(env_cfg)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    env_cfg.write_text(
+        f'[model]\nbackend = "demo"\npath = "{demo_model_dir}"\n[node]\ndata_dir = "{tmp_path}"\n'
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "analyze",
+            str(tmp_path / "mr"),
+            "--out",
+            str(out),
+            "--config",
+            str(env_cfg),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "not for clinical use" in res.stdout
     assert (out / "findings.json").is_file()
     assert any(Comprehensive3DSRStorage == str(pydicom.dcmread(p).SOPClassUID) for p in out.glob("*.dcm"))
     chest = make_chest_radiograph(tmp_path / "chest")
-    res = subprocess.run([sys.executable, "-m", "dicom_node", "analyze", *map(str, chest.paths), "--out",
-                          str(tmp_path / "o2"), "--config", str(env_cfg)], capture_output=True, text=True, cwd=REPO,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "analyze",
+            *map(str, chest.paths),
+            "--out",
+            str(tmp_path / "o2"),
+            "--config",
+            str(env_cfg),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 3 and "skipped" in res.stdout
 
 
 def test_jobs_and_echo_cli(node_and_dest: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
-    node, scp = node_and_dest
+    node, _scp = node_and_dest
     chest = make_chest_radiograph(tmp_path / "chest")
     storescu(node.port, list(chest.paths))
     job = node.wait_state(chest.study_instance_uid, {"skipped"})
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True,
-                              cwd=REPO, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+        )
 
     res = cli("jobs", "list", "--config", str(node.config))
     assert res.returncode == 0 and "skipped" in res.stdout

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import free_port, require_tool, storescu
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
-from conftest import free_port, require_tool, storescu
 from dicom_node.config import load_config
 from dicom_node.node import ReceivingNode
 from dicom_node.store import JobState
@@ -26,8 +26,10 @@ from dicom_node.synthetic import make_lumbar_mr
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[ReceivingNode]:
-    cfg = load_config(node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path / "data", "min_free_disk_mb": 0},
-                      completeness={"quiet_seconds": 0.5, "force_seconds": 60, "check_interval_s": 0.2})
+    cfg = load_config(
+        node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path / "data", "min_free_disk_mb": 0},
+        completeness={"quiet_seconds": 0.5, "force_seconds": 60, "check_interval_s": 0.2},
+    )
     n = ReceivingNode(cfg)
     n.start()
     yield n
@@ -42,7 +44,7 @@ def _dataset_bytes(path: Path) -> bytes:
     """The encoded dataset after the file meta group, as it travels on the wire."""
     ds = pydicom.dcmread(path)
     raw = path.read_bytes()
-    return raw[128 + 4 + 12 + ds.file_meta.FileMetaInformationGroupLength:]
+    return raw[128 + 4 + 12 + ds.file_meta.FileMetaInformationGroupLength :]
 
 
 def test_storescu_study_is_spooled_as_received(node: ReceivingNode, tmp_path: Path) -> None:
@@ -62,10 +64,21 @@ def test_storescu_study_is_spooled_as_received(node: ReceivingNode, tmp_path: Pa
     assert node.store.by_study(study.study_instance_uid).state is JobState.COMPLETE
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-                                  "MR_small_implicit.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                                  "MR_small_bigendian.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm",
-                                  "image_dfl.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "SC_rgb_jpeg_gdcm.dcm",
+        "JPGExtended.dcm",
+        "image_dfl.dcm",
+    ],
+)
 def test_compressed_and_odd_encodings_stored_as_received(node: ReceivingNode, name: str) -> None:
     src = Path(get_testdata_file(name))  # type: ignore[arg-type]
     ts = pydicom.dcmread(src, stop_before_pixels=True).file_meta.TransferSyntaxUID
@@ -77,7 +90,9 @@ def test_compressed_and_odd_encodings_stored_as_received(node: ReceivingNode, na
     status = assoc.send_c_store(src)  # sent from the file: the encoded bytes as they are
     assoc.release()
     assert status.Status == 0x0000
-    rec = next(r for r in node.store.instances(ds.StudyInstanceUID) if r.sop_instance_uid == ds.SOPInstanceUID)
+    rec = next(
+        r for r in node.store.instances(ds.StudyInstanceUID) if r.sop_instance_uid == ds.SOPInstanceUID
+    )
     assert rec.transfer_syntax_uid == ts
     if ts.is_deflated:  # pynetdicom re-deflates when it sends: compare the inflated content
         assert pydicom.dcmread(rec.path) == pydicom.dcmread(src)
@@ -100,8 +115,12 @@ def test_instance_without_study_uid_refused(node: ReceivingNode) -> None:
 
 def test_echo_with_dcmtk(node: ReceivingNode) -> None:
     exe = require_tool("echoscu")
-    res = subprocess.run([exe, "-aec", "SPINEMED", "127.0.0.1", str(node.receiver.port)], capture_output=True,
-                         text=True, timeout=30)
+    res = subprocess.run(
+        [exe, "-aec", "SPINEMED", "127.0.0.1", str(node.receiver.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -113,7 +132,7 @@ def test_many_concurrent_associations(node: ReceivingNode, tmp_path: Path) -> No
     def send(k: int) -> None:
         try:
             _send(k)
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+        except Exception as exc:
             errors.append(f"{k}: {exc!r}")
 
     def _send(k: int) -> None:
@@ -154,7 +173,9 @@ def test_tcp_nodelay_on_both_ends(node: ReceivingNode, tmp_path: Path) -> None:
     node.receiver._server.bind(evt.EVT_ACCEPTED, on_open)  # type: ignore[union-attr]
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="SPINEMED", evt_handlers=nodelay_handlers())
+    assoc = ae.associate(
+        "127.0.0.1", node.receiver.port, ae_title="SPINEMED", evt_handlers=nodelay_handlers()
+    )
     assert assoc.is_established
     client = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # type: ignore[union-attr]
     assoc.release()
@@ -169,11 +190,11 @@ def test_broken_data_refused_and_nothing_lost(node: ReceivingNode, tmp_path: Pat
     raw = bytearray(good.read_bytes())
     tag = b"\x10\x00\x10\x00"
     at = raw.index(tag, 128 + 4 + 12 + ds.file_meta.FileMetaInformationGroupLength)
-    vr_explicit = raw[at + 4:at + 6] == b"PN"
+    vr_explicit = raw[at + 4 : at + 6] == b"PN"
     if vr_explicit:
-        raw[at + 6:at + 8] = b"\xf0\xff"
+        raw[at + 6 : at + 8] = b"\xf0\xff"
     else:
-        raw[at + 4:at + 8] = b"\xf0\xff\xff\x0f"
+        raw[at + 4 : at + 8] = b"\xf0\xff\xff\x0f"
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(bytes(raw))
     ae = AE(ae_title="PYSCU")
@@ -197,8 +218,15 @@ def test_broken_data_refused_and_nothing_lost(node: ReceivingNode, tmp_path: Pat
 
 
 def test_calling_ae_allow_list(tmp_path: Path) -> None:
-    cfg = load_config(node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path, "min_free_disk_mb": 0,
-                            "allowed_calling_aes": ["PACS"]})
+    cfg = load_config(
+        node={
+            "port": 0,
+            "host": "127.0.0.1",
+            "data_dir": tmp_path,
+            "min_free_disk_mb": 0,
+            "allowed_calling_aes": ["PACS"],
+        }
+    )
     n = ReceivingNode(cfg)
     n.start()
     try:
@@ -217,7 +245,9 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
 
 def test_low_disk_refuses_with_out_of_resources(tmp_path: Path) -> None:
     free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
-    cfg = load_config(node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path, "min_free_disk_mb": free_mb + 10})
+    cfg = load_config(
+        node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path, "min_free_disk_mb": free_mb + 10}
+    )
     n = ReceivingNode(cfg)
     n.start()
     try:

@@ -15,8 +15,19 @@ STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 
 def rec(n: int, study: str = STUDY, desc: str = "SAG T2") -> InstanceRecord:
-    return InstanceRecord(f"{study}.{n}", study, f"{study}.9", "1.2.840.10008.5.1.4.1.1.4", "MR", desc,
-                          f"/spool/{n}.dcm", "1.2.840.10008.1.2.1", 100, "SCU", time.time())
+    return InstanceRecord(
+        f"{study}.{n}",
+        study,
+        f"{study}.9",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "MR",
+        desc,
+        f"/spool/{n}.dcm",
+        "1.2.840.10008.1.2.1",
+        100,
+        "SCU",
+        time.time(),
+    )
 
 
 @pytest.fixture
@@ -158,7 +169,18 @@ def test_our_own_result_routed_back_is_not_a_new_source(store: SQLiteJobStore) -
     out = OutputRecord("1.2.3.99", STUDY, 1, "measurement_report", "1.2.840.10008.5.1.4.1.1.88.34", "/o.dcm")
     store.finish_report(job.id, "w", 1, [out], [])
     store.transition(job.id, "w", JobState.DONE)
-    echo = InstanceRecord("1.2.3.99", STUDY, "1.2.3.98", out.sop_class_uid, "SR", "SpineMed AI results", "/x.dcm",
-                          "1.2.840.10008.1.2.1", 10, "PACS", time.time())
+    echo = InstanceRecord(
+        "1.2.3.99",
+        STUDY,
+        "1.2.3.98",
+        out.sop_class_uid,
+        "SR",
+        "SpineMed AI results",
+        "/x.dcm",
+        "1.2.840.10008.1.2.1",
+        10,
+        "PACS",
+        time.time(),
+    )
     assert not store.record_instance(echo)
     assert store.get(job.id).state is JobState.DONE
