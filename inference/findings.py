@@ -355,9 +355,9 @@ class InputImage(_Strict):
     """Where one model input image came from.
 
     ``pixel_to_source`` maps model-image pixel (column, row, 1) to source-frame pixel (column, row) for
-    an image cut from one source frame (a 2x3 row-major affine); ``None`` for reformats, which instead
-    list every contributing instance and give ``pixel_to_patient`` (a 3x3 row-major matrix mapping
-    (column, row, 1) to patient LPS millimetres, 9 values after a 3x4 → it is 3 rows of 3).
+    an image cut from one source frame (a 2×3 row-major affine); ``None`` for reformats, which instead
+    list every contributing instance.  ``pixel_to_patient`` (12 values: a 3×4 row-major matrix) maps
+    (column, row, 0, 1) to patient LPS millimetres, where the geometry is known.
     """
 
     index: int = Field(ge=0)

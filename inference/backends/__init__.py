@@ -1,0 +1,55 @@
+"""Model backends: each implements :class:`inference.inputs.SpineModel`.
+
+* ``transformers`` — a Qwen2.5-VL-class checkpoint in this process (GPU or CPU), llguidance-constrained;
+* ``demo`` — the tiny random model of the same architecture, built locally, same code path;
+* ``openai`` — any OpenAI-compatible chat-completions server (vLLM, ``transformers serve``).
+
+Backends are imported lazily so that a node using ``openai`` does not import torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inference.errors import BackendUnavailableError
+from inference.inputs import SpineModel
+from inference.settings import ModelSettings
+
+__all__ = ["load_model"]
+
+
+def load_model(settings: ModelSettings, *, data_dir: Path) -> SpineModel:
+    """Load the configured model once; call :meth:`SpineModel.analyze` per study afterwards.
+
+    Parameters
+    ----------
+    settings
+        The ``[model]`` table.
+    data_dir
+        The node's data directory: the demo model is built under ``<data_dir>/models/demo`` unless
+        ``settings.path`` says otherwise, and caches live under ``<data_dir>/cache``.
+
+    Returns
+    -------
+    SpineModel
+        A loaded backend.
+
+    Raises
+    ------
+    BackendUnavailableError
+        The model could not be loaded (or, for ``openai``, the settings are unusable).
+    """
+    data_dir = Path(data_dir)
+    if settings.backend == "demo":
+        from inference.backends.demo import DemoBackend
+
+        return DemoBackend(settings, data_dir=data_dir)
+    if settings.backend == "transformers":
+        from inference.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(settings, cache_dir=data_dir / "cache")
+    if settings.backend == "openai":
+        from inference.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings, cache_dir=data_dir / "cache")
+    raise BackendUnavailableError(f"model: unknown backend {settings.backend!r}")  # pragma: no cover

@@ -1,0 +1,217 @@
+"""The ``openai`` backend: any OpenAI-compatible chat-completions server (vLLM, ``transformers serve``).
+
+Each study is one chat completion: images go as base64 PNG ``image_url`` parts, and the answer schema
+goes as ``response_format`` (``json_schema``, ``strict``), which vLLM enforces with guided decoding.
+Servers that ignore ``response_format`` (``transformers serve`` does) are handled too: the schema is also
+summarised in the prompt, every answer is validated with :func:`~inference.schema.parse_answer`, and an
+answer that does not validate is asked for once more before :class:`InvalidModelOutputError` is raised.
+
+The HTTP client can be injected (an ``httpx.Client``), e.g. to add TLS settings or to swap the transport.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from inference.errors import (
+    BackendUnavailableError,
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidModelOutputError,
+)
+from inference.findings import ModelIdentity, SpineFindings
+from inference.inputs import ModelImage, ModelInput
+from inference.postprocess import to_findings
+from inference.prompts import PROMPT_VERSION, build_messages
+from inference.schema import SchemaLimits, answer_schema, parse_answer
+from inference.settings import ModelSettings
+
+__all__ = ["ANSWER_ATTEMPTS", "OpenAIBackend", "png_data_url"]
+
+_log = logging.getLogger(__name__)
+
+#: Attempts per study when the server's answer does not validate (one retry).
+ANSWER_ATTEMPTS: Final = 2
+_SCHEMA_NAME: Final = "spine_model_answer"
+_NO_DIGEST: Final = "unknown (remote server; set [model].path to hash)"
+
+
+def png_data_url(image: ModelImage) -> str:
+    """The image as a ``data:image/png;base64,...`` URL (lossless)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.pixels).save(buf, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible server (implements :class:`~inference.inputs.SpineModel`).
+
+    Parameters
+    ----------
+    settings
+        The ``[model]`` table; ``settings.openai`` gives URL, served model name, API-key variable,
+        per-request timeout and transport retries.  ``settings.timeout_s`` bounds a whole study.
+    http_client
+        Optional HTTP client handed to the OpenAI client (an ``httpx.Client``-compatible object: TLS,
+        proxies, or a swapped transport in tests).
+    limits
+        Answer size limits for the schema (default: the contract's).
+    cache_dir
+        Digest cache directory, used when ``settings.path`` points at the served weights.
+    schema_in_prompt
+        Also embed the full JSON Schema in the prompt (thousands of tokens); useful only for servers
+        that ignore ``response_format``.  The prompt always carries a summary of the answer format.
+    """
+
+    backend_name: str = "openai"
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        http_client: Any = None,
+        limits: SchemaLimits | None = None,
+        cache_dir: Path | None = None,
+        schema_in_prompt: bool = False,
+    ) -> None:
+        from openai import OpenAI
+
+        self.schema_in_prompt = schema_in_prompt
+
+        self.settings = settings
+        self.limits = limits or SchemaLimits()
+        oa = settings.openai
+        api_key = os.environ.get(oa.api_key_env) or "not-needed"  # vLLM / transformers serve need none
+        self._client = OpenAI(
+            base_url=oa.base_url,
+            api_key=api_key,
+            timeout=oa.timeout_s,
+            max_retries=oa.max_retries,
+            http_client=http_client,
+        )
+        self._identity = ModelIdentity(
+            name=oa.model[:64],
+            version=(settings.revision or "served")[:64],
+            weights_digest=self._digest(cache_dir),
+            backend=self.backend_name,
+            prompt_version=PROMPT_VERSION,
+            demo=self._is_demo(),
+        )
+
+    def _digest(self, cache_dir: Path | None) -> str:
+        if self.settings.path is None:
+            return _NO_DIGEST
+        from inference.backends.transformers_backend import weights_digest
+
+        return weights_digest(Path(self.settings.path), cache_dir=cache_dir)
+
+    def _is_demo(self) -> bool:
+        from inference.demo_model import DEMO_MARKER_FILE
+
+        return self.settings.path is not None and (Path(self.settings.path) / DEMO_MARKER_FILE).is_file()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Who answers (the served model name; the weights digest only when ``settings.path`` is set)."""
+        return self._identity
+
+    def messages(self, inputs: ModelInput) -> list[dict[str, Any]]:
+        """Chat messages of one request, images as PNG data URLs."""
+        out: list[dict[str, Any]] = []
+        for msg in build_messages(inputs, include_schema=self.schema_in_prompt):
+            content = msg["content"]
+            if isinstance(content, list):
+                content = [
+                    {"type": "image_url", "image_url": {"url": png_data_url(inputs.images[p["image_index"]])}}
+                    if p["type"] == "image"
+                    else p
+                    for p in content
+                ]
+            out.append({"role": msg["role"], "content": content})
+        return out
+
+    def _complete(self, messages: list[dict[str, Any]], schema: dict[str, Any], timeout: float) -> str:
+        import openai
+
+        s = self.settings
+        create: Any = self._client.chat.completions.create
+        try:
+            response = create(
+                model=s.openai.model,
+                messages=messages,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": _SCHEMA_NAME, "schema": schema, "strict": True},
+                },
+                max_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                seed=s.seed,
+                timeout=timeout,
+            )
+        except openai.APITimeoutError as exc:
+            raise InferenceTimeoutError(
+                f"model server: no answer within {timeout:.0f} s ({s.openai.base_url})"
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise BackendUnavailableError(f"model server {s.openai.base_url} unreachable: {exc}") from exc
+        except openai.APIStatusError as exc:
+            detail = str(exc.message)[:300]
+            if exc.status_code in (401, 403, 404) or exc.status_code >= 500:
+                raise BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}") from exc
+            raise InferenceError(
+                f"model server rejected the request: HTTP {exc.status_code}: {detail}"
+            ) from exc
+        except openai.OpenAIError as exc:
+            raise InferenceError(f"model server: {type(exc).__name__}: {exc}") from exc
+        if not response.choices:
+            raise InvalidModelOutputError("model server returned no choices")
+        choice = response.choices[0]
+        text = choice.message.content or ""
+        if choice.finish_reason == "length":
+            raise InvalidModelOutputError(
+                f"model output cut at max_tokens={s.max_new_tokens} ({len(text)} characters)"
+            )
+        return text
+
+    def analyze(self, inputs: ModelInput) -> SpineFindings:
+        """Ask the server about one study; validate, retry once on an invalid answer.
+
+        Raises
+        ------
+        BackendUnavailableError
+            The server cannot be reached or refuses (authentication, unknown model, server error).
+        InferenceTimeoutError
+            No answer within ``settings.openai.timeout_s`` per request / ``settings.timeout_s`` per study.
+        InvalidModelOutputError
+            The answers of :data:`ANSWER_ATTEMPTS` attempts did not validate.
+        """
+        deadline = time.monotonic() + self.settings.timeout_s
+        schema = answer_schema(
+            image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits
+        )
+        messages = self.messages(inputs)
+        last: InvalidModelOutputError | None = None
+        for attempt in range(1, ANSWER_ATTEMPTS + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InferenceTimeoutError(
+                    f"model server: no valid answer within {self.settings.timeout_s:g} s"
+                )
+            timeout = min(remaining, self.settings.openai.timeout_s)
+            try:
+                answer = parse_answer(self._complete(messages, schema, timeout))
+                return to_findings(answer, inputs, self._identity)
+            except InvalidModelOutputError as exc:
+                _log.warning("model server answer %d/%d invalid: %s", attempt, ANSWER_ATTEMPTS, exc)
+                last = exc
+        raise InvalidModelOutputError(
+            f"model server: no valid answer in {ANSWER_ATTEMPTS} attempts; last: {last}"
+        )

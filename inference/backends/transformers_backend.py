@@ -1,0 +1,529 @@
+"""The ``transformers`` backend: a Qwen2.5-VL-class checkpoint in-process, schema-constrained decoding.
+
+The model and processor are loaded once, from a local directory (``[model].path``) or from the offline
+Hugging Face cache (``[model].hub_id``; nothing is ever downloaded).  Each study is one request: all its
+images go through the model's own processor and chat template together, and decoding is constrained by
+:func:`inference.schema.answer_schema` with llguidance, so the answer always parses.  A wall-clock deadline
+stops generation at ``[model].timeout_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from inference.errors import (
+    BackendUnavailableError,
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidModelOutputError,
+)
+from inference.findings import ModelIdentity, SpineFindings
+from inference.inputs import ModelImage, ModelInput
+from inference.postprocess import to_findings
+from inference.prompts import PROMPT_VERSION, build_messages
+from inference.schema import SchemaLimits, answer_schema, parse_answer
+from inference.settings import ModelSettings
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = [
+    "WEIGHT_SUFFIXES",
+    "DeadlineCriteria",
+    "LLGuidanceLogitsProcessor",
+    "TransformersBackend",
+    "resolve_device_dtype",
+    "resolve_model_dir",
+    "to_pil",
+    "weights_digest",
+]
+
+_log = logging.getLogger(__name__)
+
+#: File suffixes hashed into :attr:`ModelIdentity.weights_digest`.
+WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_DIGEST_CACHE_NAME: Final = "weights-digests.json"
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})$")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def resolve_model_dir(settings: ModelSettings) -> Path:
+    """Find the model directory: ``settings.path``, else the offline hub cache snapshot of ``hub_id``.
+
+    Raises
+    ------
+    BackendUnavailableError
+        No path or hub id given, the directory does not exist, or the hub id is not in the local cache.
+    """
+    if settings.path is not None:
+        path = Path(settings.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise BackendUnavailableError(
+                f"model: no config.json in {path} (set [model].path to a model directory)"
+            )
+        return path
+    if settings.hub_id:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(settings.hub_id, revision=settings.revision, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+            raise BackendUnavailableError(
+                f"model: {settings.hub_id!r} (revision {settings.revision or 'main'}) is not in the local "
+                f"Hugging Face cache and the node never downloads: {exc}"
+            ) from exc
+    raise BackendUnavailableError("model: set [model].path or [model].hub_id for the transformers backend")
+
+
+def resolve_device_dtype(settings: ModelSettings) -> tuple[torch.device, torch.dtype]:
+    """``auto`` device → CUDA when available, else CPU; ``auto`` dtype → bfloat16 on CUDA, float32 on CPU.
+
+    Raises
+    ------
+    BackendUnavailableError
+        A CUDA device was asked for but none is available.
+    """
+    import torch
+
+    name = settings.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise BackendUnavailableError(f"model: invalid [model].device {settings.device!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"model: [model].device is {settings.device!r} but CUDA is not available"
+        )
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if settings.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = dtypes[settings.dtype]
+    return device, dtype
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(model_dir: Path, *, cache_dir: Path | None = None) -> str:
+    """SHA-256 over the model's weight files (name and content, in name order).
+
+    Hashing 15 GB takes about a minute, so each file's digest is cached in ``cache_dir`` keyed by its
+    resolved path, size and modification time; a changed file is hashed again.
+
+    Parameters
+    ----------
+    model_dir
+        The model directory.
+    cache_dir
+        Where the digest cache lives (``None``: no cache).
+
+    Returns
+    -------
+    str
+        64 hex digits.
+
+    Raises
+    ------
+    BackendUnavailableError
+        The directory holds no weight file.
+    """
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise BackendUnavailableError(f"model: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {model_dir}")
+    cache_file = cache_dir / _DIGEST_CACHE_NAME if cache_dir is not None else None
+    cache: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            _log.warning("weights digest cache %s unreadable, rehashing: %s", cache_file, exc)
+            cache = {}
+    total = hashlib.sha256()
+    changed = False
+    for path in files:
+        real = path.resolve()  # hub snapshots are symlinks to blobs
+        st = real.stat()
+        key = str(real)
+        entry = cache.get(key)
+        if (
+            isinstance(entry, Mapping)
+            and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns
+        ):
+            digest = str(entry["sha256"])
+        else:
+            digest = _file_sha256(real)
+            cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+            changed = True
+        total.update(path.name.encode() + b"\0" + digest.encode() + b"\n")
+    if changed and cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, cache_file)
+        except OSError as exc:  # a read-only data dir costs a rehash next start, nothing more
+            _log.warning("weights digest cache %s not written: %s", cache_file, exc)
+    return total.hexdigest()
+
+
+def to_pil(image: ModelImage) -> Image.Image:
+    """The image as an RGB PIL image (grey levels replicated), the processor's input."""
+    from PIL import Image
+
+    pixels = image.pixels
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def _make_logits_processor_base() -> type[Any]:
+    from transformers import LogitsProcessor
+
+    return LogitsProcessor
+
+
+def _make_stopping_base() -> type[Any]:
+    from transformers import StoppingCriteria
+
+    return StoppingCriteria
+
+
+class LLGuidanceLogitsProcessor(_make_logits_processor_base()):  # type: ignore[misc]
+    """Mask the logits to the tokens the llguidance grammar allows next (batch size 1).
+
+    The llguidance bitmask is unpacked with numpy and applied with one ``masked_fill``; llguidance's own
+    ``apply_token_bitmask_inplace`` would ``torch.compile`` a kernel first (≈19 s on CPU).
+
+    Parameters
+    ----------
+    ll_tokenizer
+        ``llguidance.LLTokenizer`` of the model's tokenizer.
+    grammar
+        llguidance grammar (e.g. from ``LLMatcher.grammar_from_json_schema``).
+    prompt_length
+        Number of prompt tokens: tokens after them are the answer.
+    """
+
+    def __init__(self, ll_tokenizer: Any, grammar: str, *, prompt_length: int) -> None:
+        import llguidance
+
+        self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise InferenceError(f"constrained decoding: grammar rejected: {self._matcher.get_error()}")
+        self._prompt_length = prompt_length
+        self._consumed = 0
+        self._allowed: torch.Tensor | None = None
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the tokens so far form a complete answer."""
+        return bool(self._matcher.is_accepting())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        import torch
+
+        if input_ids.shape[0] != 1:
+            raise InferenceError("constrained decoding: batch size must be 1 (one study per request)")
+        new = input_ids[0, self._prompt_length + self._consumed :].tolist()
+        for token in new:
+            self._matcher.consume_token(int(token))
+        self._consumed += len(new)
+        if self._matcher.is_error():
+            raise InvalidModelOutputError(f"constrained decoding failed: {self._matcher.get_error()}")
+        bits = np.unpackbits(
+            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little"
+        )
+        vocab = scores.shape[-1]
+        if self._allowed is None or self._allowed.shape[0] != vocab:
+            self._allowed = torch.zeros(vocab, dtype=torch.bool)
+        n = min(vocab, bits.shape[0])
+        self._allowed.zero_()
+        self._allowed[:n] = torch.from_numpy(bits[:n].astype(bool))
+        if not bool(self._allowed.any()):
+            raise InvalidModelOutputError("constrained decoding: the grammar allows no next token")
+        allowed = self._allowed.to(scores.device)
+        return scores.masked_fill(~allowed, float("-inf"))  # type: ignore[return-value]
+
+
+class DeadlineCriteria(_make_stopping_base()):  # type: ignore[misc]
+    """Stop generation once a wall-clock deadline (``time.monotonic()``) has passed."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.expired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        import torch
+
+        self.expired = self.expired or time.monotonic() > self.deadline
+        return torch.full((input_ids.shape[0],), self.expired, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ backend
+def _short(text: str, n: int = 64) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+class TransformersBackend:
+    """A Qwen2.5-VL-class model loaded in this process (implements :class:`~inference.inputs.SpineModel`).
+
+    Parameters
+    ----------
+    settings
+        The ``[model]`` table.
+    cache_dir
+        Where to keep the weights-digest cache (the node passes ``<data_dir>/cache``).
+    limits
+        Answer size limits for the schema (default: the contract's).
+    name, demo
+        Override the model name / demo flag recorded in :attr:`identity` (the demo backend sets them).
+        A checkpoint whose config says it is the SpineMed demo model is flagged demo in any case.
+    num_threads
+        Torch intra-op threads while generating (default: torch's).  A tiny model on CPU is several
+        times faster with one thread: its operations are too small to split.
+
+    Raises
+    ------
+    BackendUnavailableError
+        The model, its processor or the grammar tokenizer could not be loaded.
+    """
+
+    backend_name: str = "transformers"
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        cache_dir: Path | None = None,
+        limits: SchemaLimits | None = None,
+        name: str | None = None,
+        demo: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.num_threads = num_threads
+        self.limits = limits or SchemaLimits()
+        self.model_dir = resolve_model_dir(settings)
+        self.device, self.dtype = resolve_device_dtype(settings)
+        self._lock = threading.Lock()
+        try:
+            import llguidance.hf
+            import torch
+
+            hf: Any = importlib.import_module("transformers")  # partially typed: use it as untyped
+            self.processor: Any = hf.AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
+            self.model: Any = hf.AutoModelForImageTextToText.from_pretrained(
+                self.model_dir,
+                dtype=self.dtype,
+                local_files_only=True,
+                # load straight onto the GPU (a 7B model is 15 GB: no detour through host memory)
+                device_map={"": str(self.device)} if self.device.type == "cuda" else None,
+            )
+            self.model.to(self.device)
+            self.model.eval()
+            tokenizer = self.processor.tokenizer
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+        except (OSError, ValueError, ImportError, KeyError, RuntimeError, TypeError) as exc:
+            raise BackendUnavailableError(
+                f"model: cannot load {self.model_dir}: {type(exc).__name__}: {exc}"
+            ) from exc
+        torch.set_grad_enabled(False)
+        config = self.model.config
+        self._eos_ids = self._eos_token_ids()
+        is_demo = demo or bool(getattr(config, "spinemed_demo", None))
+        digest = weights_digest(self.model_dir, cache_dir=cache_dir)
+        self._identity = ModelIdentity(
+            name=_short(name or self._model_name()),
+            version=_short(self._model_version(config, digest)),
+            weights_digest=digest,
+            backend=self.backend_name,
+            prompt_version=PROMPT_VERSION,
+            demo=is_demo,
+        )
+        _log.info(
+            "model loaded: %s %s on %s/%s (demo=%s)",
+            self._identity.name,
+            self._identity.version,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            is_demo,
+        )
+
+    # -- identity -------------------------------------------------------------------------------
+    def _model_name(self) -> str:
+        if self.settings.hub_id:
+            return self.settings.hub_id
+        m = _SNAPSHOT.search(self.model_dir.resolve().as_posix())
+        if m:
+            return f"{m['org']}/{m['name']}"
+        return self.model_dir.resolve().name or "model"
+
+    def _model_version(self, config: Any, digest: str) -> str:
+        if self.settings.revision:
+            return self.settings.revision
+        m = _SNAPSHOT.search(self.model_dir.resolve().as_posix())
+        if m:
+            return m["commit"]
+        commit = getattr(config, "_commit_hash", None)
+        if commit:
+            return str(commit)
+        build = getattr(config, "spinemed_demo_build", None)
+        if build:
+            return str(build)
+        return f"sha256:{digest[:16]}"
+
+    def _eos_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tok_eos = self.processor.tokenizer.eos_token_id
+        if tok_eos is not None:
+            ids.add(int(tok_eos))
+        return {int(i) for i in ids}
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Who answers: name, revision, weights digest, backend, prompt version, demo flag."""
+        return self._identity
+
+    # -- inference ------------------------------------------------------------------------------
+    def schema(self, inputs: ModelInput) -> dict[str, Any]:
+        """The answer schema of one request (evidence bounded by its images, this backend's limits)."""
+        return answer_schema(
+            image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits
+        )
+
+    def generate_text(self, inputs: ModelInput, *, seed: int | None = None) -> str:
+        """Run the model on one request and return the raw (schema-constrained) answer text.
+
+        Parameters
+        ----------
+        inputs
+            The study's images and task.
+        seed
+            Sampling seed (default ``settings.seed``); only matters when ``settings.temperature > 0``.
+
+        Raises
+        ------
+        InferenceTimeoutError
+            The answer was not complete within ``settings.timeout_s``.
+        InvalidModelOutputError
+            Decoding ran out of ``max_new_tokens`` or the grammar failed.
+        InferenceError
+            The model raised.
+        """
+        import llguidance
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        s = self.settings
+        deadline = time.monotonic() + s.timeout_s
+        messages = _to_processor_messages(build_messages(inputs))
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = [to_pil(img) for img in inputs.images]
+        try:
+            encoded = self.processor(text=[text], images=images, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise InferenceError(f"model processor rejected the images: {exc}") from exc
+        encoded = encoded.to(self.device)
+        prompt_length = int(encoded["input_ids"].shape[1])
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            self.schema(inputs), defaults={"whitespace_flexible": False}
+        )
+        guide = LLGuidanceLogitsProcessor(self._ll_tokenizer, grammar, prompt_length=prompt_length)
+        stop = DeadlineCriteria(deadline)
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.temperature > 0}
+        if s.temperature > 0:
+            gen_kwargs.update(temperature=s.temperature, top_p=1.0, top_k=0)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        with self._lock:
+            if time.monotonic() > deadline:
+                raise InferenceTimeoutError(
+                    f"model: no answer within {s.timeout_s:g} s (timed out before decoding)"
+                )
+            torch.manual_seed(s.seed if seed is None else seed)
+            threads = torch.get_num_threads()
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            try:
+                out = self.model.generate(
+                    **encoded,
+                    logits_processor=LogitsProcessorList([guide]),
+                    stopping_criteria=StoppingCriteriaList([stop]),
+                    **gen_kwargs,
+                )
+            except InferenceError:
+                raise
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                raise InferenceError(f"model: generation failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                torch.set_num_threads(threads)
+        tokens = out[0, prompt_length:].tolist()
+        if stop.expired:
+            raise InferenceTimeoutError(
+                f"model: no answer within {s.timeout_s:g} s ({len(tokens)} tokens generated)"
+            )
+        finished = bool(tokens) and tokens[-1] in self._eos_ids
+        answer_tokens = tokens[:-1] if finished else tokens
+        answer = self.processor.tokenizer.decode(answer_tokens, skip_special_tokens=False)
+        if not (finished and guide.accepting):
+            raise InvalidModelOutputError(
+                f"model output incomplete after {len(tokens)} tokens (max_new_tokens={s.max_new_tokens})"
+            )
+        return str(answer)
+
+    def analyze(self, inputs: ModelInput) -> SpineFindings:
+        """Run the model on one study and return validated findings.
+
+        Raises
+        ------
+        InferenceError
+            Timeout (:class:`InferenceTimeoutError`), output that does not validate
+            (:class:`InvalidModelOutputError`) or a model failure.
+        """
+        started = time.monotonic()
+        text = self.generate_text(inputs)
+        findings = to_findings(parse_answer(text), inputs, self._identity)
+        _log.info(
+            "study analysed: %d images, %d level findings, %.2f s",
+            len(inputs.images),
+            len(findings.levels),
+            time.monotonic() - started,
+        )
+        return findings
+
+
+def _to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prompt messages for ``processor.apply_chat_template``: string content becomes one text part."""
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        content = msg["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = [{"type": "image"} if part["type"] == "image" else dict(part) for part in content]
+        out.append({"role": msg["role"], "content": parts})
+    return out
