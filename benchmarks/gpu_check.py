@@ -257,7 +257,7 @@ def _bandwidth(name: str) -> float | None:
     return None
 
 
-def run(smoke: bool, new_tokens: int, n_images: int, image_size: int) -> dict[str, Any]:
+def run(smoke: bool, new_tokens: int, n_images: int, image_size: int, static: bool = False) -> dict[str, Any]:
     """Build, run, time; return the measurements (also printed)."""
     import transformers
 
@@ -305,6 +305,18 @@ def run(smoke: bool, new_tokens: int, n_images: int, image_size: int) -> dict[st
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
         _sync(device)
         study_s = time.perf_counter() - t
+        eager_study_s = study_s
+        if static:
+            # static KV cache: transformers compiles the decoding step (CUDA graphs) on first use
+            sgen = {**gen, "cache_implementation": "static"}
+            t = time.perf_counter()
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **sgen)
+            _sync(device)
+            compile_s = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **sgen)
+            _sync(device)
+            study_s = time.perf_counter() - t
     generated = int(out.shape[1]) - prompt_len
     decode_s = max(study_s - prefill_s, 1e-9)
     decode_tps = (generated - 1) / decode_s
@@ -321,11 +333,16 @@ def run(smoke: bool, new_tokens: int, n_images: int, image_size: int) -> dict[st
         "prefill_tokens_per_s": round(prompt_len / prefill_s, 1),
         "decode_tokens_per_s": round(decode_tps, 2),
         "seconds_per_study": round(study_s, 3),
+        "decode_mode": "static cache + compiled step" if static else "eager (dynamic cache)",
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda"
         else None,
         "decode_bytes_per_token_gb": round(decode_bytes / 1e9, 2),
     }
+    if static:
+        result["eager_seconds_per_study"] = round(eager_study_s, 3)
+        result["eager_decode_tokens_per_s"] = round((generated - 1) / max(eager_study_s - prefill_s, 1e-9), 2)
+        result["first_static_run_s_incl_compile"] = round(compile_s, 1)
     bw = _bandwidth(card) if device.type == "cuda" else None
     if bw is not None:
         ceiling = bw / decode_bytes
@@ -356,10 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=None, help="px (512; smoke 112)")
     parser.add_argument("--json-out", default=None, help="also write the result as JSON here")
+    parser.add_argument("--static", action="store_true", help="also decode with a static cache (compiled step)")
     args = parser.parse_args(argv)
     new_tokens = args.new_tokens or (16 if args.smoke else 600)
     image_size = args.image_size or (112 if args.smoke else 512)
-    result = run(args.smoke, new_tokens, args.images, image_size)
+    result = run(args.smoke, new_tokens, args.images, image_size, static=args.static)
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
