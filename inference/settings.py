@@ -46,4 +46,12 @@ class ModelSettings(BaseModel):
     max_images: int = Field(default=6, ge=1, le=16)
     image_size: int = Field(default=448, ge=56, le=1344, description="longest side in px, multiple of 28")
     timeout_s: float = Field(default=900.0, gt=0)
+    static_cache: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="static KV cache with a compiled decoding step; auto = on for CUDA "
+        "(H200: 120-144 vs 11-19 tokens/s eager, benchmarks/README.md)",
+    )
+    max_cache_len: int = Field(
+        default=8192, ge=256, le=131072, description="static cache size: prompt + max_new_tokens must fit"
+    )
     openai: OpenAISettings = Field(default_factory=OpenAISettings)

@@ -152,3 +152,19 @@ def test_transformers_backend_errors(tmp_path: Path) -> None:
         load_model(
             ModelSettings(backend="transformers", hub_id="Qwen/Qwen2.5-VL-7B-Instruct"), data_dir=tmp_path
         )
+
+
+def test_static_cache_decoding_path(demo_dir: Path, studies: dict[str, ModelInput], tmp_path: Path) -> None:
+    """The static-cache path (auto-on for CUDA) runs and gives the same greedy answer as the dynamic cache."""
+    inputs = studies["small"]
+    answers = []
+    for mode in ("off", "on"):
+        model = load_model(ModelSettings(backend="demo", path=demo_dir, static_cache=mode), data_dir=tmp_path)
+        assert isinstance(model, DemoBackend)
+        assert model.static_cache is (mode == "on")
+        findings = model.analyze(inputs)
+        _check(findings, inputs)
+        answers.append(findings.answer)
+    assert answers[0] == answers[1]
+    auto = load_model(ModelSettings(backend="demo", path=demo_dir, device="cpu"), data_dir=tmp_path)
+    assert isinstance(auto, DemoBackend) and auto.static_cache is False, "auto is off on CPU"

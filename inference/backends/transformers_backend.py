@@ -329,6 +329,9 @@ class TransformersBackend:
         self.limits = limits or SchemaLimits()
         self.model_dir = resolve_model_dir(settings)
         self.device, self.dtype = resolve_device_dtype(settings)
+        self.static_cache = settings.static_cache == "on" or (
+            settings.static_cache == "auto" and self.device.type == "cuda"
+        )
         self._lock = threading.Lock()
         try:
             import llguidance.hf
@@ -460,6 +463,12 @@ class TransformersBackend:
             gen_kwargs.update(temperature=s.temperature, top_p=1.0, top_k=0)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.static_cache:
+            # One cache ceiling for every study: the compiled decoding step is reused across prompt
+            # lengths instead of recompiled (measured on an H200: benchmarks/README.md).
+            gen_kwargs["cache_implementation"] = "static"
+            if prompt_length + s.max_new_tokens <= s.max_cache_len:
+                gen_kwargs["max_cache_len"] = s.max_cache_len
         with self._lock:
             if time.monotonic() > deadline:
                 raise InferenceTimeoutError(
