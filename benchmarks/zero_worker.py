@@ -1,0 +1,38 @@
+"""Run the node's worker with the zero-latency model until the queue is empty; print its peak RSS (MB)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zero_model import ZeroLatencyModel
+
+from dicom_node.config import load_config
+from dicom_node.pipeline import Pipeline
+from dicom_node.store import JobState, SQLiteJobStore
+from dicom_node.worker import Worker
+
+
+def main() -> int:
+    cfg = load_config(sys.argv[1])
+    store = SQLiteJobStore(cfg.db_path)
+    worker = Worker(cfg, store, Pipeline(cfg, model=ZeroLatencyModel()))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        worker.run_once()
+        jobs = store.jobs()
+        if jobs and all(j.state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED) for j in jobs):
+            break
+        time.sleep(0.05)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            print(int(line.split()[1]) / 1024)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
