@@ -14,7 +14,9 @@ convention (PS3.3 C.18.6.1.2), so a mapped point is written as is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -180,8 +182,44 @@ class SourceIndex:
             for_uid = self.header(image.sop_instance_uids[0]).get("FrameOfReferenceUID")
             if not for_uid:
                 return _with(base, note="the source has no frame of reference for a 3D coordinate")
-            return _with(base, point_3d=map_to_patient(image, x, y), frame_of_reference_uid=str(for_uid))
+            point_3d = map_to_patient(image, x, y)
+            # the reformat is derived from every slice, but the point lies on one: reference that one
+            nearest = self.nearest_instance(image.sop_instance_uids, point_3d)
+            return _with(
+                base,
+                sop_instance_uids=(nearest,) if nearest else base.sop_instance_uids,
+                point_3d=point_3d,
+                frame_of_reference_uid=str(for_uid),
+            )
         return _with(base, note=f"input image {image.index} has no pixel mapping to its source")
+
+    def nearest_instance(self, sop_instance_uids: Sequence[str], point: tuple[float, float, float]) -> str | None:
+        """The instance whose image plane passes closest to ``point`` (LPS mm), if within its slice.
+
+        Uses the study's geometry (Image Position / Orientation, no file reads).  ``None`` when the
+        instances lack geometry or the point lies farther than half the slice spacing (at least 1 mm)
+        from every plane.
+        """
+        wanted = set(sop_instance_uids)
+        planes: list[tuple[float, str]] = []
+        for series in self._study.series:
+            iop = series.image_orientation
+            for inst in series.instances:
+                if inst.sop_instance_uid not in wanted:
+                    continue
+                if iop is None or inst.image_position is None:
+                    return None
+                r, c = iop[:3], iop[3:]
+                n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+                offset = sum((point[i] - inst.image_position[i]) * n[i] for i in range(3))
+                planes.append((offset, inst.sop_instance_uid))
+        if not planes:
+            return None
+        offsets = sorted(d for d, _ in planes)
+        gaps = sorted(b - a for a, b in pairwise(offsets) if b - a > 1e-6)
+        half = max(0.5 * gaps[len(gaps) // 2], 1.0) if gaps else 1.0
+        distance, uid = min((abs(d), u) for d, u in planes)
+        return uid if distance <= half else None
 
 
 def _with(base: ResolvedEvidence, **changes: object) -> ResolvedEvidence:

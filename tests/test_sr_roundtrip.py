@@ -260,3 +260,23 @@ def test_unmappable_point_is_not_invented(tmp_path: Path) -> None:
     assert herniation.localisation == "LOC-NONE"
     assert all(e.point is None for e in herniation.evidence)
     assert any("outside the source image" in n for n in herniation.notes)
+
+
+def _referenced_uids(ds: pydicom.Dataset) -> set[str]:
+    out: set[str] = set()
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            out.add(str(ref.ReferencedSOPInstanceUID))
+        out |= _referenced_uids(item)
+    return out
+
+
+def test_reformat_point_references_the_slice_it_lies_on(
+    cases: dict[str, Case], built: dict[str, list[pydicom.Dataset]]
+) -> None:
+    """A point on a CT reformat references the one axial slice through it, not every slice."""
+    case = cases["ct"]
+    e = case.findings.levels[0].evidence[0]
+    point = map_to_patient(case.findings.images[0], e.x, e.y)  # type: ignore[arg-type]
+    nearest = min(case.study.instances, key=lambda i: abs(i.image_position[2] - point[2]))  # type: ignore[index]
+    assert _referenced_uids(built["ct"][0]) == {nearest.sop_instance_uid}
