@@ -340,6 +340,8 @@ def build_outputs(
         "institution_name": options.institution_name,
         "institutional_department_name": options.institution_department_name,
         "coding_schemes": coding_scheme_identification(),
+        # the model writes free Unicode text (and the demo notice an em dash): declare UTF-8
+        "specific_character_set": "ISO_IR 192",
         **common,
     }
     measurement_sr = hd.sr.Comprehensive3DSR(

@@ -280,3 +280,19 @@ def test_reformat_point_references_the_slice_it_lies_on(
     point = map_to_patient(case.findings.images[0], e.x, e.y)  # type: ignore[arg-type]
     nearest = min(case.study.instances, key=lambda i: abs(i.image_position[2] - point[2]))  # type: ignore[index]
     assert _referenced_uids(built["ct"][0]) == {nearest.sop_instance_uid}
+
+
+def test_unicode_text_survives_the_round_trip(tmp_path: Path) -> None:
+    """Model text is free Unicode (the demo notice has an em dash): the SRs declare UTF-8 and keep it."""
+    case = lumbar_mr_case(tmp_path)
+    model = case.findings.model.model_copy(update={"name": "spinemed-demo (demo — not for clinical use)"})
+    report = case.findings.answer.report.model_copy(update={"diagnosis": "Bandscheibenvorfall L4/5 ≥ 5 mm — 椎间盘"})
+    answer = case.findings.answer.model_copy(update={"report": report})
+    findings = case.findings.model_copy(update={"model": model, "answer": answer})
+    measurement, narrative = build_outputs(case.study, findings, OutputOptions(key_image=False),
+                                           created_at=CREATED_AT)
+    for ds, needle in ((measurement, "demo — not for clinical use"), (narrative, "≥ 5 mm — 椎间盘")):
+        back = _roundtrip(ds)
+        assert back.SpecificCharacterSet == "ISO_IR 192"
+        texts = " | ".join(str(e.value) for e in back.iterall() if e.VR in ("UT", "LO", "ST", "LT", "SH"))
+        assert needle in texts
