@@ -91,13 +91,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.store import JobState, SQLiteJobStore
+    from dicom_node.store import JobState, open_store
 
     config = _config(args)
-    if not config.db_path.exists():
+    if config.store.url is None and not config.db_path.exists():
         print(f"no job store at {config.db_path}", file=sys.stderr)
         return 1
-    store = SQLiteJobStore(config.db_path)
+    store = open_store(config)
     try:
         if args.action == "list":
             states = [JobState(s) for s in args.state] if args.state else []
@@ -201,6 +201,20 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dicom_node.doctor import print_report, run_doctor
+
+    results = run_doctor(_config(args), args.config, skip_echo=args.no_echo)
+    return print_report(results)
+
+
+def cmd_viewer(args: argparse.Namespace) -> int:
+    from dicom_node.viewer import run_viewer
+
+    return run_viewer(port=args.port, host=args.host, demo=args.demo, storage=args.storage,
+                      workdir=args.workdir, model_dir=args.model_dir)
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"spinemed-node {__version__}")
     return 0
@@ -290,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Orthanc's DICOMweb root, for the suggested result destination",
     )
     p.set_defaults(func=cmd_orthanc_config)
+
+    p = sub.add_parser("doctor", help="check an installation: config, data dir, disk, ports, destinations, GPU, model")
+    _add_config(p)
+    p.add_argument("--no-echo", action="store_true", help="do not C-ECHO the destinations")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("viewer", help="Orthanc + node + OHIF on one port: our SRs drawn on their images")
+    p.add_argument("--demo", action="store_true", help="also load a synthetic lumbar MR and wait for its SR")
+    p.add_argument("--port", type=int, default=8800, help="the viewer's HTTP port (default: 8800)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--storage", type=Path, help="Orthanc storage folder to use (default: temporary)")
+    p.add_argument("--workdir", type=Path, help="configs, logs, node data (default: temporary)")
+    p.add_argument("--model-dir", type=Path, help="demo model folder (built if missing)")
+    p.set_defaults(func=cmd_viewer)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

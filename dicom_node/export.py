@@ -17,6 +17,7 @@ from pynetdicom import AE, build_context
 
 from dicom_node.config import DestinationConfig
 from dicom_node.net import STATUS_SUCCESS, WARNING_STATUSES, nodelay_handlers
+from dicom_node.tls import client_tls_args
 
 __all__ = ["SendResult", "backoff_delay", "deliver", "echo", "send_files"]
 
@@ -71,7 +72,8 @@ def send_files(
             build_context(sop_class, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
         )
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers())
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers(),
+                             tls_args=client_tls_args(dest))
     except (OSError, RuntimeError, ValueError) as exc:
         return [
             SendResult(p, str(ds.SOPInstanceUID), False, None, f"cannot associate: {exc}")
@@ -117,7 +119,8 @@ def echo(dest: DestinationConfig, *, calling_ae: str, timeout_s: float = 10.0) -
     ae = _ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers())
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers(),
+                             tls_args=client_tls_args(dest))
     except (OSError, RuntimeError, ValueError) as exc:
         return False, f"cannot associate: {exc}"
     if not assoc.is_established:

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import structlog
@@ -49,6 +50,9 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     )
     # pynetdicom logs dataset summaries (patient names) at DEBUG/INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's validation warnings quote the offending value (a UID, a patient name): not in our logs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def get_logger(name: str) -> Any:

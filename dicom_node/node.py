@@ -20,7 +20,7 @@ from dicom_node.completeness import CompletenessMonitor
 from dicom_node.config import NodeConfig
 from dicom_node.log import get_logger
 from dicom_node.receive import Receiver
-from dicom_node.store import SQLiteJobStore
+from dicom_node.store import open_store
 
 __all__ = ["ReceivingNode", "run_serve", "run_worker", "worker_command"]
 
@@ -33,9 +33,12 @@ class ReceivingNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteJobStore(config.db_path)
+        self.store = open_store(config)
         self.receiver = Receiver(config, self.store)
         self.monitor = CompletenessMonitor(config.completeness, self.store)
+        from dicom_node.ops import NodeOps  # HTTP side (health, metrics, jobs page) + spool retention
+
+        self.ops = NodeOps(config, self.store, self.receiver)
 
     def start(self) -> int:
         restarted = self.store.restart_quiet_timers(time.time())
@@ -43,9 +46,11 @@ class ReceivingNode:
             log.info("quiet timers restarted for studies still receiving", studies=restarted)
         port = self.receiver.start()
         self.monitor.start()
+        self.ops.start()
         return port
 
     def stop(self) -> None:
+        self.ops.stop()
         self.receiver.stop()
         self.monitor.stop()
         self.store.close()
@@ -70,7 +75,7 @@ def run_worker(config: NodeConfig, *, parent_pid: int | None = None) -> int:
     """Run the worker loop until SIGTERM/SIGINT (or the parent process is gone)."""
     from dicom_node.worker import Worker
 
-    store = SQLiteJobStore(config.db_path)
+    store = open_store(config)
     worker = Worker(config, store)
 
     def _stop(*_: object) -> None:

@@ -70,7 +70,7 @@ class AuditConfig(_Section):
 
     enabled: bool = True
     path: Path | None = Field(default=None, description="default: <data_dir>/audit/audit.jsonl")
-    flush_interval_s: float = Field(default=0.2, gt=0, le=10, description="batch window: write + fsync")
+    flush_interval_s: float = Field(default=0.2, gt=0, le=10, description="batch window of non-durable events")
 
 
 class RetentionConfig(_Section):

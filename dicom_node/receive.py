@@ -17,6 +17,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.access import AssociationGate
+from dicom_node.audit import open_audit
 from dicom_node.config import NodeConfig
 from dicom_node.errors import SpoolError, StoreError
 from dicom_node.log import get_logger, phi_hash
@@ -30,6 +32,7 @@ from dicom_node.net import (
 )
 from dicom_node.spool import Spool
 from dicom_node.store import InstanceRecord, JobStore
+from dicom_node.tls import server_context
 
 __all__ = ["Receiver", "ReceiverStats"]
 
@@ -81,16 +84,28 @@ class Receiver:
         # calling AE allow-list: pynetdicom rejects others with 'calling AE title not recognised'
         ae.require_calling_aet = list(n.allowed_calling_aes)
         self.ae = ae
+        # operations: audit trail, association gate (source addresses, low disk), DICOM TLS
+        self.audit = open_audit(config)
+        self.gate = AssociationGate(config, self.spool.free_bytes, self.audit)
+        self.ssl_context = server_context(config.tls) if config.tls.enabled else None
 
     # ------------------------------------------------------------------ handlers
     def handlers(self) -> list[Any]:
         """All event handlers, registered in one place."""
         return [
             *nodelay_handlers(),
+            *self.gate.handlers(),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, self._on_store_audited),
         ]
+
+    def _on_store_audited(self, event: Any) -> int | tuple[int, Dataset]:
+        result = self._on_store(event)
+        status = result[0] if isinstance(result, tuple) else result
+        self.audit.record("instance_received", **_audit_fields(event), status=f"0x{status:04X}",
+                          outcome="stored" if status == STATUS_SUCCESS else "refused")
+        return result
 
     def _on_accepted(self, event: Any) -> None:
         self.stats.add(associations=1)
@@ -169,11 +184,12 @@ class Receiver:
     def start(self) -> int:
         """Start listening in background threads; returns the bound port."""
         n = self.config.node
-        server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=self.handlers())
+        server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=self.handlers(),
+                                      ssl_context=self.ssl_context)
         assert server is not None  # block=False always returns the server
         self._server = server
         port = int(server.server_address[1])
-        log.info("listening", ae_title=n.ae_title, host=n.host, port=port)
+        log.info("listening", ae_title=n.ae_title, host=n.host, port=port, tls=self.ssl_context is not None)
         return port
 
     @property
@@ -186,3 +202,19 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.audit.close()
+
+
+def _audit_fields(event: Any) -> dict[str, Any]:
+    """Who sent what, for the audit trail: calling AE, peer address, hashed study and instance UIDs."""
+    req = event.request
+    try:
+        study = phi_hash(str(event.dataset.StudyInstanceUID))
+    except Exception as exc:  # an undecodable dataset is audited as such (the handler refused it)
+        study = f"undecodable ({type(exc).__name__})"
+    return {
+        "calling_ae": str(event.assoc.requestor.ae_title).strip(),
+        "peer_ip": str(event.assoc.requestor.address),
+        "study": study,
+        "sop": phi_hash(str(req.AffectedSOPInstanceUID)),
+    }

@@ -50,6 +50,10 @@ class Spool:
             The bytes could not be written and synced (disk full, I/O error).
         """
         final = self.path_for(study_uid, sop_instance_uid)
+        if final.exists():
+            # a resend of an instance we hold: keep the first copy (the job store counts the resend as a
+            # duplicate; replacing the bytes would change an instance already received and analysed)
+            return final
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -63,7 +67,12 @@ class Spool:
                 os.close(fd)
             new_dir = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
+            try:
+                os.link(tmp, final)  # never replaces: two concurrent sends of one instance keep the first
+            except FileExistsError:
+                tmp.unlink()
+                return final
+            tmp.unlink()
             _fsync_dir(final.parent)
             if new_dir:
                 _fsync_dir(self.root)

@@ -23,9 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dicom_node.errors import JobNotFoundError, StoreError
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 __all__ = [
     "ACTIVE_STATES",
@@ -34,8 +37,10 @@ __all__ = [
     "Job",
     "JobState",
     "JobStore",
+    "OpsStats",
     "OutputRecord",
     "SQLiteJobStore",
+    "open_store",
 ]
 
 
@@ -114,6 +119,18 @@ class Delivery:
     delivered_at: float | None
 
 
+@dataclass(frozen=True)
+class OpsStats:
+    """Aggregates for ``/metrics``, read from the store so every process (and node) sees the same numbers."""
+
+    counts: dict[str, int]
+    inference_seconds: list[float]  # per analysed job: reporting - inferring of its latest analysis
+    delivery_attempts: int  # every C-STORE/STOW attempt recorded
+    delivery_failed_attempts: int  # attempts that did not deliver (each one led to a retry or a give-up)
+    deliveries_failed: int  # deliveries that ran out of attempts
+    deliveries_delivered: int
+
+
 class JobStore(Protocol):
     """What the receiver, the scheduler and the worker need from durable storage."""
 
@@ -154,6 +171,7 @@ class JobStore(Protocol):
     def retry(self, job_id: int) -> Job: ...
     def counts(self) -> dict[str, int]: ...
     def events(self, study_uid: str) -> list[dict[str, Any]]: ...
+    def ops_stats(self) -> OpsStats: ...
     def close(self) -> None: ...
 
 
@@ -694,3 +712,26 @@ class SQLiteJobStore:
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {str(s): int(n) for s, n in rows}
+
+    def ops_stats(self) -> OpsStats:
+        """Job counts by state, inference durations and delivery totals (for ``/metrics``)."""
+        db = self._conn()
+        secs = db.execute(
+            "SELECT json_extract(timings, '$.reporting') - json_extract(timings, '$.inferring') FROM jobs "
+            "WHERE json_extract(timings, '$.reporting') >= json_extract(timings, '$.inferring')"
+        ).fetchall()
+        d = db.execute(
+            "SELECT COALESCE(SUM(attempts), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'delivered' THEN attempts - 1 ELSE attempts END), 0), "
+            "COALESCE(SUM(state = 'failed'), 0), COALESCE(SUM(state = 'delivered'), 0) FROM deliveries"
+        ).fetchone()
+        return OpsStats(self.counts(), [float(x) for (x,) in secs], int(d[0]), int(d[1]), int(d[2]), int(d[3]))
+
+
+def open_store(config: NodeConfig) -> JobStore:
+    """The job store ``[store]`` selects: PostgreSQL for a ``url``, else SQLite in ``node.data_dir``."""
+    if config.store.url:
+        from dicom_node.store_pg import PostgresJobStore
+
+        return PostgresJobStore(config.store.url, password_env=config.store.password_env)
+    return SQLiteJobStore(config.db_path)

@@ -19,12 +19,14 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.audit import open_audit
 from dicom_node.config import NodeConfig
 from dicom_node.export import backoff_delay, deliver
-from dicom_node.log import get_logger
+from dicom_node.heartbeat import HeartbeatWriter, heartbeat_path
+from dicom_node.log import get_logger, phi_hash
 from dicom_node.pipeline import Pipeline, output_kind
 from dicom_node.spool import study_key
-from dicom_node.store import Job, JobState, OutputRecord, SQLiteJobStore
+from dicom_node.store import Job, JobState, JobStore, OutputRecord
 from inference.errors import InferenceError
 from inference.study import StudyError, load_study
 
@@ -57,14 +59,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Worker:
-    """Works jobs from a :class:`SQLiteJobStore` through a :class:`Pipeline`."""
+    """Works jobs from a :class:`JobStore` (SQLite or PostgreSQL) through a :class:`Pipeline`."""
 
-    def __init__(self, config: NodeConfig, store: SQLiteJobStore, pipeline: Pipeline | None = None) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, pipeline: Pipeline | None = None) -> None:
         self.config = config
         self.store = store
         self.pipeline = pipeline or Pipeline(config)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self._stop = threading.Event()
+        # operations: audit trail of deliveries, heartbeat file read by /health/ready
+        self.audit = open_audit(config)
+        self.heartbeat = HeartbeatWriter(heartbeat_path(config.node.data_dir))
 
     # ------------------------------------------------------------------ lifecycle
     def reclaim_dead_leases(self) -> int:
@@ -86,17 +91,25 @@ class Worker:
 
     def run_forever(self) -> None:
         self.reclaim_dead_leases()
-        _ = self.pipeline.model  # load once, before the first job
-        log.info("worker ready", model=self.pipeline.model.identity.name)
-        while not self._stop.is_set():
-            if not self.run_once():
-                self._stop.wait(self.config.worker.poll_interval_s)
+        self.heartbeat.start()
+        try:
+            _ = self.pipeline.model  # load once, before the first job
+            ident = self.pipeline.model.identity
+            self.heartbeat.ready(ident.name, ident.version, ident.demo)
+            log.info("worker ready", model=ident.name)
+            while not self._stop.is_set():
+                if not self.run_once():
+                    self._stop.wait(self.config.worker.poll_interval_s)
+        finally:
+            self.heartbeat.stop()
+            self.audit.close()
 
     def run_once(self) -> bool:
         """Claim and work one job; ``False`` when there was nothing to do."""
         job = self.store.claim(self.owner, time.time(), self.config.worker.lease_seconds)
         if job is None:
             return False
+        self.heartbeat.job = job.id
         try:
             if job.state is JobState.COMPLETE:
                 job = self._analyse(job)
@@ -223,6 +236,10 @@ class Worker:
             )
             for r in results:
                 status = None if r.status is None else f"0x{r.status:04X}"
+                self.audit.record("result_sent", destination=name, study=phi_hash(job.study_instance_uid),
+                                  sop=phi_hash(r.sop_instance_uid), revision=job.revision, attempt=attempts,
+                                  outcome="delivered" if r.delivered else ("failed" if give_up else "retry"),
+                                  status=status, error=r.error)
                 self.store.record_delivery(
                     r.sop_instance_uid,
                     name,
