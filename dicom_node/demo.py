@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,30 +16,12 @@ from pathlib import Path
 
 import pydicom
 
+from dicom_node.net import free_port, wait_port
 from dicom_node.store import JobState, SQLiteJobStore
 
 __all__ = ["run_demo"]
 
 _FINAL = {JobState.DONE, JobState.FAILED, JobState.SKIPPED}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout:.0f}s")
 
 
 def _say(msg: str) -> None:
@@ -142,7 +123,7 @@ def run_demo(
     build_demo_model(model_dir)
     _say(f"model ready at {model_dir} ({time.perf_counter() - t:.1f} s)")
 
-    port, dest_port = _free_port(), _free_port()
+    port, dest_port = free_port(), free_port()
     config = workdir / "node.toml"
     config.write_text(_config_text(data_dir, model_dir, port, dest_port))
 
@@ -176,8 +157,8 @@ def run_demo(
     )
     procs.append(node)
     try:
-        _wait_port(dest_port, 20, procs[0])
-        _wait_port(port, 60, node)
+        wait_port(dest_port, 20, proc=procs[0])
+        wait_port(port, 60, proc=node)
         _say(f"node listening: AE SPINEMED at 127.0.0.1:{port}; results go to storescp at :{dest_port}")
         _say(f"config: {config}; log: {workdir / 'node.log'}")
 

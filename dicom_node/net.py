@@ -22,9 +22,11 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
     "WARNING_STATUSES",
+    "free_port",
     "nodelay_handlers",
     "set_nodelay",
     "storage_contexts",
+    "wait_port",
 ]
 
 #: C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
@@ -64,6 +66,37 @@ def storage_contexts() -> list[PresentationContext]:
     ]
     contexts.append(build_context(Verification, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]))
     return contexts
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for demos, tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0, *, proc: Any = None, host: str = "127.0.0.1") -> None:
+    """Wait until something listens on ``port``; fail early if ``proc`` (a Popen) exited.
+
+    Raises
+    ------
+    TimeoutError
+        Nothing listened within ``timeout`` seconds.
+    RuntimeError
+        ``proc`` exited first.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout:.0f}s")
 
 
 def set_nodelay(sock: socket.socket | None) -> None:

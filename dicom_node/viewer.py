@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.errors import NodeError
+from dicom_node.net import free_port
 
 if TYPE_CHECKING:
     from dicom_node.synthetic import SyntheticStudy
@@ -173,12 +174,6 @@ def default_model_dir() -> Path:
     """The demo model: ``$SPINEMED_DEMO_MODEL``, else ``.models/demo`` of this checkout (what scripts/setup builds)."""
     env = os.environ.get("SPINEMED_DEMO_MODEL")
     return Path(env) if env else VIEWER_DIR.parent / ".models" / "demo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
@@ -319,10 +314,10 @@ class ViewerStack:
         self._say("demo model (tiny, random: demo — not for clinical use) ...")
         build_demo_model(model_dir)
 
-        self.orthanc_http = _free_port()
-        self.dicom_port = self.dicom_port or _free_port()
-        node_port = _free_port()
-        self.port = self.port or _free_port()
+        self.orthanc_http = free_port()
+        self.dicom_port = self.dicom_port or free_port()
+        node_port = free_port()
+        self.port = self.port or free_port()
 
         # the node first: it creates the job store that the plugin reads
         data_dir = self.workdir / "node"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from dicom_node.net import free_port
 from inference.backends import load_model
 from inference.backends.openai_backend import ANSWER_ATTEMPTS, OpenAIBackend
 from inference.demo_model import build_demo_model
@@ -71,16 +71,10 @@ def _inputs() -> ModelInput:
     return ModelInput("1.2.3.4", "MR", Task.STRUCTURED_REPORT, tuple(images))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     model_dir = build_demo_model(tmp_path_factory.getbasetemp() / "spinemed-demo-model")
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with log.open("wb") as out:
@@ -210,7 +204,7 @@ def test_swapped_transport_success_retry_and_errors(tmp_path: Path) -> None:
     unreachable = load_model(
         ModelSettings(
             backend="openai",
-            openai=OpenAISettings(base_url=f"http://127.0.0.1:{_free_port()}/v1", max_retries=0, timeout_s=5),
+            openai=OpenAISettings(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0, timeout_s=5),
         ),
         data_dir=tmp_path,
     )

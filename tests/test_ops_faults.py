@@ -208,6 +208,7 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every mutated value
 def test_fuzzed_dicom_never_crashes_the_listener_nor_loses_what_was_stored(tmp_path: Path) -> None:
     rng = random.Random(20261126)
     base_study, series = generate_uid(), generate_uid()
