@@ -293,9 +293,13 @@ class LevelFinding(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> LevelFinding:
-        if self.finding in DISC_FINDINGS and not is_segment(self.level):
+        if self.finding is FindingType.NO_ABNORMALITY:
+            # a normal vertebra or a normal disc: nothing to grade
+            if self.severity is not Severity.NONE:
+                raise ValueError(f"severity: no_abnormality has severity none, got {self.severity.value}")
+        elif self.finding in DISC_FINDINGS and not is_segment(self.level):
             raise ValueError(f"level: {self.finding.value} belongs to a motion segment, got {self.level}")
-        if self.finding not in DISC_FINDINGS and is_segment(self.level):
+        elif self.finding not in DISC_FINDINGS and is_segment(self.level):
             raise ValueError(f"level: {self.finding.value} belongs to a vertebra, got {self.level}")
         if self.grade is not None and self.finding is not FindingType.SPONDYLOLISTHESIS:
             raise ValueError("grade: only spondylolisthesis has a Meyerding grade")

@@ -35,6 +35,7 @@ from inference.errors import InvalidModelOutputError
 from inference.findings import (
     _MEASUREMENT_RANGES,
     DISC_FINDINGS,
+    LEVELS,
     SEGMENTS,
     VERTEBRAE,
     Evidence,
@@ -44,6 +45,7 @@ from inference.findings import (
     MeasurementType,
     ModelAnswer,
     NarrativeReport,
+    Severity,
 )
 
 __all__ = [
@@ -252,33 +254,47 @@ def answer_schema(
     grade = _strip(lf["grade"]["anyOf"][0])
 
     disc = sorted(DISC_FINDINGS, key=list(FindingType).index)
-    vertebral = [f for f in FindingType if f not in DISC_FINDINGS and f is not FindingType.SPONDYLOLISTHESIS]
+    vertebral = [
+        f
+        for f in FindingType
+        if f not in DISC_FINDINGS and f not in (FindingType.SPONDYLOLISTHESIS, FindingType.NO_ABNORMALITY)
+    ]
     shapes = {
         "SegmentFinding": (
             "A disc-level finding: on a motion segment (L4-L5).",
             {"enum": list(SEGMENTS), "description": "motion segment, upper-lower (L4-L5, L5-S1)"},
             {"enum": [f.value for f in disc]},
             {"type": "null"},
+            severity,
         ),
         "Spondylolisthesis": (
             "Spondylolisthesis of a vertebra over the one below, with its Meyerding grade.",
             {"enum": list(VERTEBRAE), "description": "the slipped vertebra (L4, L5)"},
             {"const": FindingType.SPONDYLOLISTHESIS.value},
             {"anyOf": [grade, {"type": "null"}], "description": "Meyerding grade 1-5"},
+            severity,
         ),
         "VertebralFinding": (
-            "A finding at a vertebra (fracture, scoliosis apex, no abnormality).",
+            "A finding at a vertebra (fracture, scoliosis apex).",
             {"enum": list(VERTEBRAE), "description": "vertebra (C1..S1)"},
             {"enum": [f.value for f in vertebral]},
             {"type": "null"},
+            severity,
+        ),
+        "NoAbnormality": (
+            "A vertebra or disc level reviewed and found normal.",
+            {"enum": list(LEVELS), "description": "vertebra (L5) or motion segment (L4-L5)"},
+            {"const": FindingType.NO_ABNORMALITY.value},
+            {"type": "null"},
+            {"const": Severity.NONE.value},
         ),
     }
     out_defs: dict[str, Any] = dict(enums)
-    for name, (desc, level, finding, grade_schema) in shapes.items():
+    for name, (desc, level, finding, grade_schema, severity_schema) in shapes.items():
         props = {
             "level": level,
             "finding": finding,
-            "severity": severity,
+            "severity": severity_schema,
             "grade": grade_schema,
             "laterality": laterality,
             "measurements": measurements,

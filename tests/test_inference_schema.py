@@ -217,12 +217,9 @@ def _valid_answer(draw: st.DrawFn) -> dict[str, Any]:
     levels = []
     for _ in range(draw(st.integers(1, 4))):
         finding = draw(st.sampled_from(list(FindingType)))
-        level = draw(st.sampled_from(SEGMENTS if finding in DISC_FINDINGS else VERTEBRAE))
-        grade = (
-            draw(st.one_of(st.none(), st.integers(1, 5)))
-            if finding is FindingType.SPONDYLOLISTHESIS
-            else None
-        )
+        normal = finding is FindingType.NO_ABNORMALITY  # any level, severity none
+        level = draw(st.sampled_from(LEVELS if normal else SEGMENTS if finding in DISC_FINDINGS else VERTEBRAE))
+        grade = draw(st.one_of(st.none(), st.integers(1, 5))) if finding is FindingType.SPONDYLOLISTHESIS else None
         image = draw(st.integers(0, len(SIZES) - 1))
         cols, rows = SIZES[image]
         point = draw(st.one_of(st.none(), st.tuples(st.floats(0, cols), st.floats(0, rows))))
@@ -230,13 +227,11 @@ def _valid_answer(draw: st.DrawFn) -> dict[str, Any]:
             {
                 "level": level,
                 "finding": finding.value,
-                "severity": draw(st.sampled_from([s.value for s in Severity])),
+                "severity": "none" if normal else draw(st.sampled_from([s.value for s in Severity])),
                 "grade": grade,
                 "laterality": draw(st.one_of(st.none(), st.sampled_from([lat.value for lat in Laterality]))),
                 "measurements": draw(st.lists(_valid_measurement(finding), max_size=2)),
-                "evidence": [
-                    {"image": image, "x": point[0] if point else None, "y": point[1] if point else None}
-                ],
+                "evidence": [{"image": image, "x": point[0] if point else None, "y": point[1] if point else None}],
             }
         )
     text = st.text(min_size=1, max_size=600)
@@ -331,3 +326,34 @@ def test_parse_answer_accepts_fenced_and_normalises() -> None:
     }
     answer = parse_answer("```json\n" + json.dumps(body) + "\n```")
     assert [f.level for f in answer.levels] == ["L4-L5", "L5-S1"]
+
+
+def test_no_abnormality_has_no_severity_and_any_level() -> None:
+    """A normal level is graded 'none' (the random demo once wrote 'no abnormality, moderate')."""
+    schema = answer_schema()
+    base = {
+        "grade": None,
+        "laterality": None,
+        "measurements": [],
+        "evidence": [],
+    }
+    report = {
+        k: "x"
+        for k in (
+            "findings",
+            "diagnosis",
+            "treatment_suggestions",
+            "risk_and_prognosis",
+            "follow_up",
+            "diagnostic_basis",
+        )
+    }
+    for level in ("L4-L5", "S1"):
+        ok = {"levels": [{"level": level, "finding": "no_abnormality", "severity": "none", **base}], "report": report}
+        jsonschema.validate(ok, schema)
+        ModelAnswer.model_validate(ok)
+    bad = {"levels": [{"level": "S1", "finding": "no_abnormality", "severity": "moderate", **base}], "report": report}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    with pytest.raises(ValueError, match="severity"):
+        ModelAnswer.model_validate(bad)
