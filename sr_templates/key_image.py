@@ -291,6 +291,8 @@ class SpineKeyImage(hd.sc.SCImage):
             referring_physician_name=source.get("ReferringPhysicianName"),
             pixel_spacing=pixel_spacing,
             patient_orientation=orientation or ("P", "F"),
+            # names and descriptions may hold any Unicode (the demo notice has an em dash)
+            specific_character_set="ISO_IR 192",
             **kwargs,  # type: ignore[arg-type]
         )
         self.BurnedInAnnotation = "YES"
