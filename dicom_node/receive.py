@@ -137,7 +137,8 @@ class Receiver:
                 "instance refused: cannot decode dataset",
                 calling_ae=calling,
                 error=type(exc).__name__,
-                detail=str(exc)[:200],
+                # pydicom's messages quote element values (names, IDs): only a digest, for correlation
+                detail_digest=phi_hash(str(exc)),
             )
             return STATUS_CANNOT_UNDERSTAND
         if sop_uid != str(req.AffectedSOPInstanceUID) or sop_class != str(req.AffectedSOPClassUID):
