@@ -28,8 +28,12 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _config_text(data_dir: Path, model_dir: Path, port: int, dest_port: int) -> str:
-    return f"""# written by `spinemed-node demo`
+def demo_node_toml(data_dir: Path, model_dir: Path, port: int, destination: str, *, writer: str = "demo") -> str:
+    """The node config of the local demo stacks (``demo``, ``viewer``): loopback, short quiet period, demo model.
+
+    ``destination`` is the TOML of one ``[[destinations]]`` table.
+    """
+    return f"""# written by `spinemed-node {writer}`
 [node]
 ae_title = "SPINEMED"
 host = "127.0.0.1"
@@ -42,11 +46,7 @@ quiet_seconds = 2.0
 force_seconds = 120.0
 check_interval_s = 0.5
 
-[[destinations]]
-name = "demo-results"
-ae_title = "RESULTS"
-host = "127.0.0.1"
-port = {dest_port}
+{destination.strip()}
 
 [export]
 backoff_initial_s = 1.0
@@ -125,7 +125,10 @@ def run_demo(
 
     port, dest_port = free_port(), free_port()
     config = workdir / "node.toml"
-    config.write_text(_config_text(data_dir, model_dir, port, dest_port))
+    destination = (
+        f'[[destinations]]\nname = "demo-results"\nae_title = "RESULTS"\nhost = "127.0.0.1"\nport = {dest_port}'
+    )
+    config.write_text(demo_node_toml(data_dir, model_dir, port, destination))
 
     procs: list[subprocess.Popen[bytes]] = []
     storescp = shutil.which("storescp")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.demo import demo_node_toml
 from dicom_node.errors import NodeError
 from dicom_node.net import free_port
 
@@ -216,37 +217,6 @@ def render_nginx_conf(*, listen: str, ohif: Path, app_config: Path, orthanc_port
     return text
 
 
-def _node_toml(data_dir: Path, model_dir: Path, port: int, orthanc_http: int) -> str:
-    return f"""# written by `spinemed-node viewer`
-[node]
-ae_title = "SPINEMED"
-host = "127.0.0.1"
-port = {port}
-data_dir = "{data_dir}"
-min_free_disk_mb = 64
-
-[completeness]
-quiet_seconds = 2.0
-force_seconds = 120.0
-check_interval_s = 0.5
-
-[[destinations]]
-name = "orthanc"
-type = "dicomweb"
-url = "http://127.0.0.1:{orthanc_http}/dicom-web"
-
-[export]
-backoff_initial_s = 1.0
-
-[model]
-backend = "demo"
-path = "{model_dir}"
-
-[worker]
-poll_interval_s = 0.2
-"""
-
-
 # ---------------------------------------------------------------------------------------------- the stack
 @dataclass
 class ViewerStack:
@@ -322,7 +292,11 @@ class ViewerStack:
         # the node first: it creates the job store that the plugin reads
         data_dir = self.workdir / "node"
         node_toml = self.workdir / "node.toml"
-        node_toml.write_text(_node_toml(data_dir, model_dir, node_port, self.orthanc_http))
+        destination = (
+            '[[destinations]]\nname = "orthanc"\ntype = "dicomweb"\n'
+            f'url = "http://127.0.0.1:{self.orthanc_http}/dicom-web"'
+        )
+        node_toml.write_text(demo_node_toml(data_dir, model_dir, node_port, destination, writer="viewer"))
         log = self.workdir / "node.log"
         with log.open("ab") as fh:
             node = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(node_toml)],
