@@ -111,9 +111,7 @@ class Pipeline:
         t2 = time.perf_counter()
         findings = self.model.analyze(inputs)
         t3 = time.perf_counter()
-        datasets = build_outputs(
-            study, findings, self.output_options(), revision=revision, predecessors=predecessors
-        )
+        datasets = build_outputs(study, findings, self.output_options(), revision=revision, predecessors=predecessors)
         t4 = time.perf_counter()
         outcome.findings = findings
         outcome.datasets = list(datasets)

@@ -132,18 +132,14 @@ class Worker:
         try:
             study = load_study([r.path for r in records], study_instance_uid=job.study_instance_uid)
         except StudyError as exc:
-            return self.store.transition(
-                job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}"
-            )
+            return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}")
         revision = job.revision + 1
         predecessors = self._previous_outputs(job)
         try:
             outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors)
         except InferenceError as exc:
             log.warning("analysis failed", job=job.id, error=type(exc).__name__, reason=str(exc)[:300])
-            return self.store.transition(
-                job.id, self.owner, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}"
-            )
+            return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}")
         if outcome.skipped_reason is not None:
             log.info("study skipped", job=job.id)
             return self.store.transition(job.id, self.owner, JobState.SKIPPED, reason=outcome.skipped_reason)
@@ -186,9 +182,7 @@ class Worker:
 
     def _export(self, job: Job) -> None:
         cfg = self.config
-        pending = [
-            d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"
-        ]
+        pending = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
         failed = [d for d in pending if d.state == "failed"]
         if failed:
             why = "; ".join(f"{d.destination}: {d.last_error}" for d in failed[:5])
@@ -202,9 +196,7 @@ class Worker:
             )
             self.store.transition(job.id, self.owner, JobState.DONE, reason=reason)
             return
-        paths = {
-            o.sop_instance_uid: Path(o.path) for o in self.store.outputs(job.study_instance_uid, job.revision)
-        }
+        paths = {o.sop_instance_uid: Path(o.path) for o in self.store.outputs(job.study_instance_uid, job.revision)}
         by_dest: dict[str, list[str]] = defaultdict(list)
         for d in pending:
             by_dest[d.destination].append(d.output_uid)
@@ -216,9 +208,7 @@ class Worker:
             dest = dests.get(name)
             if dest is None:
                 for u in uids:
-                    self.store.record_delivery(
-                        u, name, False, None, "destination no longer configured", None, True
-                    )
+                    self.store.record_delivery(u, name, False, None, "destination no longer configured", None, True)
                 gave_up.append(f"{name}: no longer configured")
                 continue
             results = deliver(
@@ -231,15 +221,21 @@ class Worker:
             nxt = (
                 None
                 if give_up
-                else time.time()
-                + backoff_delay(attempts, cfg.export.backoff_initial_s, cfg.export.backoff_max_s)
+                else time.time() + backoff_delay(attempts, cfg.export.backoff_initial_s, cfg.export.backoff_max_s)
             )
             for r in results:
                 status = None if r.status is None else f"0x{r.status:04X}"
-                self.audit.record("result_sent", destination=name, study=phi_hash(job.study_instance_uid),
-                                  sop=phi_hash(r.sop_instance_uid), revision=job.revision, attempt=attempts,
-                                  outcome="delivered" if r.delivered else ("failed" if give_up else "retry"),
-                                  status=status, error=r.error)
+                self.audit.record(
+                    "result_sent",
+                    destination=name,
+                    study=phi_hash(job.study_instance_uid),
+                    sop=phi_hash(r.sop_instance_uid),
+                    revision=job.revision,
+                    attempt=attempts,
+                    outcome="delivered" if r.delivered else ("failed" if give_up else "retry"),
+                    status=status,
+                    error=r.error,
+                )
                 self.store.record_delivery(
                     r.sop_instance_uid,
                     name,
@@ -250,15 +246,11 @@ class Worker:
                     give_up and not r.delivered,
                 )
                 if not r.delivered:
-                    log.warning(
-                        "delivery failed", job=job.id, destination=name, attempt=attempts, error=r.error
-                    )
+                    log.warning("delivery failed", job=job.id, destination=name, attempt=attempts, error=r.error)
                     if give_up:
                         gave_up.append(f"{name}: {r.error}")
             max_attempts = max(max_attempts, attempts)
-        remaining = [
-            d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"
-        ]
+        remaining = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
         if not remaining:
             log.info("delivered", job=job.id, revision=job.revision)
             self.store.transition(job.id, self.owner, JobState.DONE)

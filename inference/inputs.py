@@ -34,8 +34,7 @@ class ModelImage:
             raise TypeError("pixels: expected a numpy uint8 array")
         if self.pixels.ndim not in (2, 3) or self.pixels.shape[:2] != (self.ref.rows, self.ref.columns):
             raise ValueError(
-                f"pixels: shape {self.pixels.shape} does not match ref rows×columns "
-                f"{self.ref.rows}×{self.ref.columns}"
+                f"pixels: shape {self.pixels.shape} does not match ref rows×columns {self.ref.rows}×{self.ref.columns}"
             )
 
 

@@ -255,9 +255,7 @@ def _read_frame(instance: Instance, frame_number: int | None) -> _Frame:
     if not np.all(np.isfinite(pixels)):
         pixels = np.nan_to_num(pixels, nan=0.0, posinf=0.0, neginf=0.0)
     if float(np.ptp(pixels)) == 0.0:
-        raise UnusableStudyError(
-            f"instance {instance.sop_instance_uid}: uniform pixel data (no image content)"
-        )
+        raise UnusableStudyError(f"instance {instance.sop_instance_uid}: uniform pixel data (no image content)")
     pos, ori, spacing = _frame_geometry(ds, index)
     return _Frame(pixels.astype(np.float32, copy=False), instance, frame_number, ds, pos, ori, spacing)
 
@@ -278,9 +276,7 @@ def _voi_window(ds: Dataset, pixels: FloatImage) -> tuple[float, float] | None:
     if centres is None or widths is None:
         return None
     try:
-        centre = float(
-            centres[0] if isinstance(centres, Sequence) and not isinstance(centres, str) else centres
-        )
+        centre = float(centres[0] if isinstance(centres, Sequence) and not isinstance(centres, str) else centres)
         width = float(widths[0] if isinstance(widths, Sequence) and not isinstance(widths, str) else widths)
     except (TypeError, ValueError, IndexError):
         return None
@@ -306,9 +302,7 @@ def _resize(pixels: FloatImage, rows: int, columns: int) -> FloatImage:
         return pixels
     if pixels.ndim == 2:
         img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-        return np.asarray(
-            img.resize((columns, rows), Image.Resampling.BILINEAR, reducing_gap=None), np.float32
-        )
+        return np.asarray(img.resize((columns, rows), Image.Resampling.BILINEAR, reducing_gap=None), np.float32)
     channels = [_resize(pixels[:, :, c], rows, columns) for c in range(pixels.shape[2])]
     return np.stack(channels, axis=2)
 
@@ -326,9 +320,7 @@ def _slice_to_patient(frame: _Frame, p2s: Sequence[float], thickness: float) -> 
     col_dir = np.asarray(frame.orientation[3:])
     normal = np.cross(row_dir, col_dir)
     # source pixel (c, r) → IPP + c * Δcolumn * row_dir + r * Δrow * col_dir
-    src = np.column_stack(
-        [row_dir * frame.spacing[1], col_dir * frame.spacing[0], np.asarray(frame.position)]
-    )
+    src = np.column_stack([row_dir * frame.spacing[1], col_dir * frame.spacing[0], np.asarray(frame.position)])
     affine2d = np.array([[p2s[0], p2s[1], p2s[2]], [p2s[3], p2s[4], p2s[5]], [0.0, 0.0, 1.0]])
     m = src @ affine2d  # 3×3: (column, row, 1) → LPS
     out = np.column_stack([m[:, 0], m[:, 1], normal * thickness, m[:, 2]])
@@ -371,9 +363,7 @@ class _Builder:
                 f"instance {frame.instance.sop_instance_uid}: image is blank after windowing ({description})"
             )
         p2s = _pixel_to_source(rows, cols, src_rows, src_cols)
-        thickness = (
-            float(frame.ds.get("SliceThickness", 0) or 0) if plane is not ImagePlane.PROJECTION else 0.0
-        )
+        thickness = float(frame.ds.get("SliceThickness", 0) or 0) if plane is not ImagePlane.PROJECTION else 0.0
         p2p = _slice_to_patient(frame, p2s, thickness) if plane is not ImagePlane.PROJECTION else None
         ref = InputImage(
             index=len(self.images),
@@ -480,9 +470,7 @@ def _series_info(series: Series) -> _SeriesInfo:
     tr = _floats([ds.get("RepetitionTime")], 1) if ds.get("RepetitionTime") not in (None, "") else None
     text = f"{series.series_description} {series.protocol_name}"
     weighting = (
-        classify_weighting(text, te[0] if te else None, tr[0] if tr else None)
-        if series.modality == "MR"
-        else ""
+        classify_weighting(text, te[0] if te else None, tr[0] if tr else None) if series.modality == "MR" else ""
     )
     return _SeriesInfo(series, plane, weighting)
 
@@ -602,9 +590,7 @@ def _mr_inputs(builder: _Builder, series: Sequence[Series]) -> None:
     if main.plane is ImagePlane.SAGITTAL:
         axials = [i for i in infos if i.plane is ImagePlane.AXIAL and i is not main]
         if axials:
-            best = min(
-                axials, key=lambda i: ({"T2": 0, "": 1, "T1": 2}[i.weighting], -len(i.series.instances))
-            )
+            best = min(axials, key=lambda i: ({"T2": 0, "": 1, "T1": 2}[i.weighting], -len(i.series.instances)))
             _axial_images(builder, best, builder.settings.max_images - len(builder.images))
 
 
@@ -638,9 +624,7 @@ def _read_volume(run: Sequence[tuple[float, Instance]]) -> Any:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        _log.info(
-            "SimpleITK series read failed (%s); stacking with pydicom", str(exc).strip().splitlines()[-1:]
-        )
+        _log.info("SimpleITK series read failed (%s); stacking with pydicom", str(exc).strip().splitlines()[-1:])
     frames = [_read_frame(inst, None) for _, inst in run]
     first = frames[0]
     if first.position is None or first.orientation is None or first.spacing is None or first.pixels.ndim != 2:
@@ -694,9 +678,7 @@ def _reformat(
 
     size = np.asarray(vol.GetSize(), dtype=float)
     corners = [
-        vol.TransformContinuousIndexToPhysicalPoint(
-            tuple(c * (s - 1) for c, s in zip(corner, size, strict=True))
-        )
+        vol.TransformContinuousIndexToPhysicalPoint(tuple(c * (s - 1) for c, s in zip(corner, size, strict=True)))
         for corner in np.ndindex(2, 2, 2)
     ]
     lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
@@ -724,9 +706,7 @@ def _reformat(
 
 def _ct_inputs(builder: _Builder, series: Sequence[Series]) -> None:
     infos = [_series_info(s) for s in series]
-    axial = [
-        i for i in infos if i.plane is ImagePlane.AXIAL and len(i.series.instances) >= _MIN_VOLUME_SLICES
-    ]
+    axial = [i for i in infos if i.plane is ImagePlane.AXIAL and len(i.series.instances) >= _MIN_VOLUME_SLICES]
     if not axial:
         main = _pick_sagittal(infos)
         level, width = BONE_WINDOW
@@ -740,9 +720,7 @@ def _ct_inputs(builder: _Builder, series: Sequence[Series]) -> None:
             f"CT series {main.series.series_number}: no run of >= {_MIN_VOLUME_SLICES} evenly spaced slices"
         )
     if len(run) < len(main.series.instances):
-        _log.warning(
-            "CT: using %d of %d slices (uneven spacing or duplicates)", len(run), len(main.series.instances)
-        )
+        _log.warning("CT: using %d of %d slices (uneven spacing or duplicates)", len(run), len(main.series.instances))
     vol = _read_volume(run)
     centre = _spine_centre(vol)
     instances = [inst for _, inst in run]
@@ -762,9 +740,7 @@ def _stack_ct_slices(builder: _Builder, info: _SeriesInfo, window: tuple[float, 
     ordered = [candidates[mid], *candidates[:mid][::-1], *candidates[mid + 1 :]]
     frame, reasons = _first_readable(ordered[:3])
     if frame is None:
-        raise UnusableStudyError(
-            f"CT series {info.series.series_number}: {reasons[0] if reasons else 'no image'}"
-        )
+        raise UnusableStudyError(f"CT series {info.series.series_number}: {reasons[0] if reasons else 'no image'}")
     plane = info.plane or ImagePlane.AXIAL
     builder.add_slice(frame, info.series, plane, f"{plane.value} CT slice, bone window", window=window)
 
@@ -830,9 +806,7 @@ def _xr_inputs(builder: _Builder, series: Sequence[Series]) -> None:
             window = _percentile_window(pixels) if pixels.ndim == 2 else (0.0, 255.0)
         frame = _Frame(pixels, frame.instance, frame.frame_number, ds, None, None, frame.spacing)
         label = f"{view} view" if view else "radiograph"
-        builder.add_slice(
-            frame, s, ImagePlane.PROJECTION, f"{label}, full field", window=window, invert=invert
-        )
+        builder.add_slice(frame, s, ImagePlane.PROJECTION, f"{label}, full field", window=window, invert=invert)
     if not builder.images and reasons:
         raise UnusableStudyError(f"radiograph: {reasons[0]}")
 
@@ -879,8 +853,7 @@ def prepare_inputs(study: Study, series_uids: Sequence[str], settings: ModelSett
     if group is None:
         found = sorted({s.modality or "?" for s in selected}) or ["none"]
         raise UnusableStudyError(
-            f"no series of a supported modality ({', '.join(sorted(SUPPORTED_MODALITIES))}); "
-            f"got {', '.join(found)}"
+            f"no series of a supported modality ({', '.join(sorted(SUPPORTED_MODALITIES))}); got {', '.join(found)}"
         )
     ignored = [m for m in by_modality if m != group]
     if ignored:
@@ -897,9 +870,7 @@ def prepare_inputs(study: Study, series_uids: Sequence[str], settings: ModelSett
     except UnusableStudyError:
         raise
     except (ValueError, RuntimeError, OSError, IndexError, KeyError, TypeError, ZeroDivisionError) as exc:
-        raise UnusableStudyError(
-            f"{group}: images could not be prepared: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise UnusableStudyError(f"{group}: images could not be prepared: {type(exc).__name__}: {exc}") from exc
     if not builder.images:
         raise UnusableStudyError(f"{group}: no usable image in the selected series")
     modality = series[0].modality if group != "XR" else builder.images[0].ref.modality

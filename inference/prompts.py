@@ -167,8 +167,7 @@ def build_messages(inputs: ModelInput, *, include_schema: bool = False) -> list[
     content: list[dict[str, Any]] = [
         {
             "type": "text",
-            "text": f"Spine {inputs.modality} study, {n} image{'s' if n != 1 else ''}. "
-            "Image indices start at 0.",
+            "text": f"Spine {inputs.modality} study, {n} image{'s' if n != 1 else ''}. Image indices start at 0.",
         }
     ]
     for i in range(n):
@@ -180,9 +179,7 @@ def build_messages(inputs: ModelInput, *, include_schema: bool = False) -> list[
         text += f"\nClinical question: {context}"
     text += "\n" + _format_summary(n)
     if include_schema:
-        text += "\nJSON Schema:\n" + json.dumps(
-            answer_schema(image_sizes=_sizes(inputs)), separators=(",", ":")
-        )
+        text += "\nJSON Schema:\n" + json.dumps(answer_schema(image_sizes=_sizes(inputs)), separators=(",", ":"))
     content.append({"type": "text", "text": text})
     return [
         {"role": "system", "content": system_prompt()},

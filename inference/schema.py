@@ -121,9 +121,7 @@ def _max_length(model: type[Any], field: str) -> int:
     raise RuntimeError(f"{model.__name__}.{field}: no max_length in the contract")  # pragma: no cover
 
 
-def _object(
-    properties: dict[str, Any], *, title: str | None = None, description: str | None = None
-) -> dict[str, Any]:
+def _object(properties: dict[str, Any], *, title: str | None = None, description: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "object"}
     if title:
         out["title"] = title
@@ -315,9 +313,7 @@ def answer_schema(
         text["maxLength"] = min(int(text.get("maxLength", lim.max_text)), lim.max_text)
         report_props[name] = text
     _check_fields(NarrativeReport, report_props)
-    out_defs["NarrativeReport"] = _object(
-        report_props, description=defs["NarrativeReport"].get("description", "")
-    )
+    out_defs["NarrativeReport"] = _object(report_props, description=defs["NarrativeReport"].get("description", ""))
 
     levels: dict[str, Any] = {
         "type": "array",
@@ -387,8 +383,6 @@ def parse_answer(text: str) -> ModelAnswer:
     try:
         return ModelAnswer.model_validate(obj)
     except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5])
         more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
         raise InvalidModelOutputError(f"model output does not validate: {errors}{more}") from exc

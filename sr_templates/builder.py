@@ -119,8 +119,7 @@ def _check_arguments(
         raise TypeError(f"created_at: expected datetime or None, got {type(created_at).__name__}")
     if findings.study_instance_uid != study.study_instance_uid:
         raise ValueError(
-            f"findings: study_instance_uid {findings.study_instance_uid} is not the study's "
-            f"{study.study_instance_uid}"
+            f"findings: study_instance_uid {findings.study_instance_uid} is not the study's {study.study_instance_uid}"
         )
     if not study.instances:
         raise ValueError("study: has no instances")
@@ -171,8 +170,7 @@ def _contributing_equipment(
             contribution_datetime=when,
             contribution_description=(
                 f"Processing algorithm: {m.name} {m.version} ({m.backend}, prompt {m.prompt_version}, "
-                f"weights sha256 {m.weights_digest[:16]})"
-                + (" - DEMO MODEL, NOT FOR CLINICAL USE" if m.demo else "")
+                f"weights sha256 {m.weights_digest[:16]})" + (" - DEMO MODEL, NOT FOR CLINICAL USE" if m.demo else "")
             )[:1024],
         )
     ]

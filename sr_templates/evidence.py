@@ -102,9 +102,7 @@ def map_to_patient(image: InputImage, x: float, y: float) -> tuple[float, float,
         mat = np.asarray(m, dtype=float).reshape(3, 4)
         vec = np.array([x, y, 0.0, 1.0])
     else:
-        raise ValueError(
-            f"image: pixel_to_patient of input image {image.index} has {len(m)} values, not 9 or 12"
-        )
+        raise ValueError(f"image: pixel_to_patient of input image {image.index} has {len(m)} values, not 9 or 12")
     out = mat @ vec
     return (float(out[0]), float(out[1]), float(out[2]))
 
@@ -134,8 +132,7 @@ class SourceIndex:
             for uid in image.sop_instance_uids:
                 if uid not in self._paths:
                     raise ValueError(
-                        f"findings: input image {image.index} references SOP instance {uid} "
-                        "that is not in the study"
+                        f"findings: input image {image.index} references SOP instance {uid} that is not in the study"
                     )
 
     def header(self, sop_instance_uid: str) -> pydicom.Dataset:

@@ -47,9 +47,7 @@ class KeyImageChoice:
     input_index: int | None
 
 
-def choose_key_image(
-    findings: SpineFindings, resolved: Sequence[Sequence[ResolvedEvidence]]
-) -> KeyImageChoice | None:
+def choose_key_image(findings: SpineFindings, resolved: Sequence[Sequence[ResolvedEvidence]]) -> KeyImageChoice | None:
     """Pick the single-source input image with the most localised evidence (longitudinal planes first).
 
     Falls back to the first single-source input image, then ``None``.
@@ -84,9 +82,7 @@ def _to_uint8_rgb(ds: pydicom.Dataset, frame_number: int | None) -> npt.NDArray[
         if str(ds.get("PhotometricInterpretation", "RGB")) != "RGB":
             arr = convert_color_space(arr, str(ds.PhotometricInterpretation), "RGB")
         return np.ascontiguousarray(arr.astype(np.uint8))
-    img = arr.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(
-        ds.get("RescaleIntercept", 0) or 0
-    )
+    img = arr.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
     center = ds.get("WindowCenter")
     width = ds.get("WindowWidth")
     if center is not None and width is not None:
@@ -312,8 +308,7 @@ class SpineKeyImage(hd.sc.SCImage):
         item.PurposeOfReferenceCodeSequence = [purpose]
         self.SourceImageSequence = [item]
         self.DerivationDescription = (
-            f"SpineMed key image: source upscaled x{scale}, levels labelled, "
-            f"'{NOT_FOR_DIAGNOSTIC_USE}' burned in"
+            f"SpineMed key image: source upscaled x{scale}, levels labelled, '{NOT_FOR_DIAGNOSTIC_USE}' burned in"
         )
         if orientation is None:
             # no orientation in the source header: say so rather than claim one

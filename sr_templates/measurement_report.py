@@ -194,9 +194,7 @@ def _finding_item(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -
     else:
         status = SpineCodes.NOT_LOCALISED
     children.append(
-        hd.sr.CodeContentItem(
-            name=SpineCodes.LOCALISATION, value=status, relationship_type=_REL.HAS_PROPERTIES
-        )
+        hd.sr.CodeContentItem(name=SpineCodes.LOCALISATION, value=status, relationship_type=_REL.HAS_PROPERTIES)
     )
     children.extend(_evidence_items(resolved))
     evaluation[0].ContentSequence = hd.sr.ContentSequence(children)
@@ -271,9 +269,7 @@ class SpineMeasurementGroup(hd.sr.MeasurementsAndQualitativeEvaluations):
                         hd.sr.SourceImageForMeasurementGroup(
                             referenced_sop_class_uid=ev.sop_class_uid,
                             referenced_sop_instance_uid=uid,
-                            referenced_frame_numbers=[ev.frame_number]
-                            if ev.frame_number is not None
-                            else None,
+                            referenced_frame_numbers=[ev.frame_number] if ev.frame_number is not None else None,
                         )
                     )
         super().__init__(
@@ -347,11 +343,7 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
                 name=SpineCodes.QUALITATIVE_EVALUATIONS, relationship_type=_REL.CONTAINS
             )
             container.ContentSequence = hd.sr.ContentSequence(
-                [
-                    hd.sr.TextContentItem(
-                        name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS
-                    )
-                ]
+                [hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS)]
             )
             self[0].ContentSequence.append(container)
 

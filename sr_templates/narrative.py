@@ -81,9 +81,7 @@ class SpineNarrativeReport(Template):
             raise TypeError(f"demo: expected bool, got {type(demo).__name__}")
         super().__init__(is_root=True)
         root = hd.sr.ContainerContentItem(name=SpineCodes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
-        items: list[hd.sr.ContentItem] = [
-            item for item in observation_context if isinstance(item, hd.sr.ContentItem)
-        ]
+        items: list[hd.sr.ContentItem] = [item for item in observation_context if isinstance(item, hd.sr.ContentItem)]
         for field, heading, concept in NARRATIVE_SECTIONS:
             section = hd.sr.ContainerContentItem(name=heading, relationship_type=_REL.CONTAINS)
             text = str(getattr(report, field)).strip() or _EMPTY
@@ -109,9 +107,7 @@ class SpineNarrativeReport(Template):
             items.append(section)
         if demo:
             items.append(
-                hd.sr.TextContentItem(
-                    name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS
-                )
+                hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS)
             )
         root.ContentSequence = hd.sr.ContentSequence(items)
         self.append(root)

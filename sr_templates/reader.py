@@ -93,12 +93,8 @@ class ReadBack:
     findings: tuple[ReadFinding, ...] = field(default=())
 
 
-_SEVERITY: dict[tuple[str, str], Severity] = {
-    (c.scheme_designator, c.value): k for k, c in SEVERITY_CODES.items()
-}
-_GRADE: dict[tuple[str, str], int] = {
-    (c.scheme_designator, c.value): k for k, c in MEYERDING_GRADE_CODES.items()
-}
+_SEVERITY: dict[tuple[str, str], Severity] = {(c.scheme_designator, c.value): k for k, c in SEVERITY_CODES.items()}
+_GRADE: dict[tuple[str, str], int] = {(c.scheme_designator, c.value): k for k, c in MEYERDING_GRADE_CODES.items()}
 _LATERALITY: dict[tuple[str, str], Laterality] = {
     (c.scheme_designator, c.value): k for k, c in LATERALITY_CODES.items()
 }
@@ -139,9 +135,7 @@ def _read_finding(level: str, item: pydicom.Dataset) -> ReadFinding:
             severity = _SEVERITY[_key(child, "ConceptCodeSequence")]
         elif vt == "CODE" and _is(child, SpineCodes.MEYERDING_GRADE):
             grade = _GRADE[_key(child, "ConceptCodeSequence")]
-        elif vt == "CODE" and (
-            _is(child, SpineCodes.LATERALITY) or _is(child, SpineCodes.TOPOGRAPHICAL_MODIFIER)
-        ):
+        elif vt == "CODE" and (_is(child, SpineCodes.LATERALITY) or _is(child, SpineCodes.TOPOGRAPHICAL_MODIFIER)):
             laterality = _LATERALITY[_key(child, "ConceptCodeSequence")]
         elif vt == "CODE" and _is(child, SpineCodes.LOCALISATION):
             localisation = str(child.ConceptCodeSequence[0].CodeValue)
@@ -168,9 +162,7 @@ def _read_finding(level: str, item: pydicom.Dataset) -> ReadFinding:
             notes.append(str(child.TextValue))
     if severity is None:
         raise ValueError(f"dataset: finding at {level} has no severity")
-    return ReadFinding(
-        level, finding, severity, grade, laterality, localisation, (), tuple(evidence), tuple(notes)
-    )
+    return ReadFinding(level, finding, severity, grade, laterality, localisation, (), tuple(evidence), tuple(notes))
 
 
 def _measurement(m: hd.sr.Measurement) -> Measurement:

@@ -76,9 +76,7 @@ def output_series_uid(study_instance_uid: str, prefix: str | None = None) -> str
     return _uid(prefix, ["series", study_instance_uid])
 
 
-def device_observer_uid(
-    model: ModelIdentity, manufacturer: str, model_name: str, prefix: str | None = None
-) -> str:
+def device_observer_uid(model: ModelIdentity, manufacturer: str, model_name: str, prefix: str | None = None) -> str:
     """Device Observer UID of the algorithm: one per (node product, model weights)."""
     return _uid(prefix, ["device", manufacturer, model_name, model.name, model.version, model.weights_digest])
 

@@ -20,9 +20,7 @@ __all__ = ["DEMO_LIMITS", "DemoBackend", "demo_model_dir"]
 #: Answer limits for the random model: its strings run to maxLength, a byte-level vocabulary spends about
 #: one token per character, and greedy decoding would repeat digits forever in an unbounded JSON number;
 #: with these every answer is a few hundred tokens (seconds on CPU) and always ends.
-DEMO_LIMITS: Final = SchemaLimits(
-    max_levels=3, max_text=40, max_measurements=1, max_evidence=1, integer_numbers=True
-)
+DEMO_LIMITS: Final = SchemaLimits(max_levels=3, max_text=40, max_measurements=1, max_evidence=1, integer_numbers=True)
 
 
 def demo_model_dir(settings: ModelSettings, data_dir: Path) -> Path:
@@ -45,9 +43,7 @@ class DemoBackend(TransformersBackend):
 
     backend_name = "demo"
 
-    def __init__(
-        self, settings: ModelSettings, *, data_dir: Path, limits: SchemaLimits | None = None
-    ) -> None:
+    def __init__(self, settings: ModelSettings, *, data_dir: Path, limits: SchemaLimits | None = None) -> None:
         path = build_demo_model(demo_model_dir(settings, data_dir))
         super().__init__(
             settings.model_copy(update={"path": path, "hub_id": None}),

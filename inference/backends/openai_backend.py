@@ -166,9 +166,7 @@ class OpenAIBackend:
             detail = str(exc.message)[:300]
             if exc.status_code in (401, 403, 404) or exc.status_code >= 500:
                 raise BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}") from exc
-            raise InferenceError(
-                f"model server rejected the request: HTTP {exc.status_code}: {detail}"
-            ) from exc
+            raise InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}") from exc
         except openai.OpenAIError as exc:
             raise InferenceError(f"model server: {type(exc).__name__}: {exc}") from exc
         if not response.choices:
@@ -176,9 +174,7 @@ class OpenAIBackend:
         choice = response.choices[0]
         text = choice.message.content or ""
         if choice.finish_reason == "length":
-            raise InvalidModelOutputError(
-                f"model output cut at max_tokens={s.max_new_tokens} ({len(text)} characters)"
-            )
+            raise InvalidModelOutputError(f"model output cut at max_tokens={s.max_new_tokens} ({len(text)} characters)")
         return text
 
     def analyze(self, inputs: ModelInput) -> SpineFindings:
@@ -194,17 +190,13 @@ class OpenAIBackend:
             The answers of :data:`ANSWER_ATTEMPTS` attempts did not validate.
         """
         deadline = time.monotonic() + self.settings.timeout_s
-        schema = answer_schema(
-            image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits
-        )
+        schema = answer_schema(image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits)
         messages = self.messages(inputs)
         last: InvalidModelOutputError | None = None
         for attempt in range(1, ANSWER_ATTEMPTS + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise InferenceTimeoutError(
-                    f"model server: no valid answer within {self.settings.timeout_s:g} s"
-                )
+                raise InferenceTimeoutError(f"model server: no valid answer within {self.settings.timeout_s:g} s")
             timeout = min(remaining, self.settings.openai.timeout_s)
             try:
                 answer = parse_answer(self._complete(messages, schema, timeout))
@@ -212,6 +204,4 @@ class OpenAIBackend:
             except InvalidModelOutputError as exc:
                 _log.warning("model server answer %d/%d invalid: %s", attempt, ANSWER_ATTEMPTS, exc)
                 last = exc
-        raise InvalidModelOutputError(
-            f"model server: no valid answer in {ANSWER_ATTEMPTS} attempts; last: {last}"
-        )
+        raise InvalidModelOutputError(f"model server: no valid answer in {ANSWER_ATTEMPTS} attempts; last: {last}")

@@ -71,9 +71,7 @@ def resolve_model_dir(settings: ModelSettings) -> Path:
     if settings.path is not None:
         path = Path(settings.path).expanduser()
         if not (path / "config.json").is_file():
-            raise BackendUnavailableError(
-                f"model: no config.json in {path} (set [model].path to a model directory)"
-            )
+            raise BackendUnavailableError(f"model: no config.json in {path} (set [model].path to a model directory)")
         return path
     if settings.hub_id:
         from huggingface_hub import snapshot_download
@@ -107,9 +105,7 @@ def resolve_device_dtype(settings: ModelSettings) -> tuple[torch.device, torch.d
     except RuntimeError as exc:
         raise BackendUnavailableError(f"model: invalid [model].device {settings.device!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            f"model: [model].device is {settings.device!r} but CUDA is not available"
-        )
+        raise BackendUnavailableError(f"model: [model].device is {settings.device!r} but CUDA is not available")
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if settings.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -167,11 +163,7 @@ def weights_digest(model_dir: Path, *, cache_dir: Path | None = None) -> str:
         st = real.stat()
         key = str(real)
         entry = cache.get(key)
-        if (
-            isinstance(entry, Mapping)
-            and entry.get("size") == st.st_size
-            and entry.get("mtime_ns") == st.st_mtime_ns
-        ):
+        if isinstance(entry, Mapping) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
             digest = str(entry["sha256"])
         else:
             digest = _file_sha256(real)
@@ -254,9 +246,7 @@ class LLGuidanceLogitsProcessor(_make_logits_processor_base()):  # type: ignore[
         self._consumed += len(new)
         if self._matcher.is_error():
             raise InvalidModelOutputError(f"constrained decoding failed: {self._matcher.get_error()}")
-        bits = np.unpackbits(
-            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little"
-        )
+        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         vocab = scores.shape[-1]
         if self._allowed is None or self._allowed.shape[0] != vocab:
             self._allowed = torch.zeros(vocab, dtype=torch.bool)
@@ -351,9 +341,7 @@ class TransformersBackend:
             tokenizer = self.processor.tokenizer
             self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
         except (OSError, ValueError, ImportError, KeyError, RuntimeError, TypeError) as exc:
-            raise BackendUnavailableError(
-                f"model: cannot load {self.model_dir}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise BackendUnavailableError(f"model: cannot load {self.model_dir}: {type(exc).__name__}: {exc}") from exc
         torch.set_grad_enabled(False)
         config = self.model.config
         self._eos_ids = self._eos_token_ids()
@@ -415,9 +403,7 @@ class TransformersBackend:
     # -- inference ------------------------------------------------------------------------------
     def schema(self, inputs: ModelInput) -> dict[str, Any]:
         """The answer schema of one request (evidence bounded by its images, this backend's limits)."""
-        return answer_schema(
-            image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits
-        )
+        return answer_schema(image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits)
 
     def generate_text(self, inputs: ModelInput, *, seed: int | None = None) -> str:
         """Run the model on one request and return the raw (schema-constrained) answer text.
@@ -471,9 +457,7 @@ class TransformersBackend:
                 gen_kwargs["max_cache_len"] = s.max_cache_len
         with self._lock:
             if time.monotonic() > deadline:
-                raise InferenceTimeoutError(
-                    f"model: no answer within {s.timeout_s:g} s (timed out before decoding)"
-                )
+                raise InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s (timed out before decoding)")
             torch.manual_seed(s.seed if seed is None else seed)
             threads = torch.get_num_threads()
             if self.num_threads:
@@ -493,9 +477,7 @@ class TransformersBackend:
                 torch.set_num_threads(threads)
         tokens = out[0, prompt_length:].tolist()
         if stop.expired:
-            raise InferenceTimeoutError(
-                f"model: no answer within {s.timeout_s:g} s ({len(tokens)} tokens generated)"
-            )
+            raise InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s ({len(tokens)} tokens generated)")
         finished = bool(tokens) and tokens[-1] in self._eos_ids
         answer_tokens = tokens[:-1] if finished else tokens
         answer = self.processor.tokenizer.decode(answer_tokens, skip_special_tokens=False)
