@@ -7,10 +7,14 @@
   16 mm either side (through the foramina), then, when an axial series was selected, one axial slice per
   disc block (contiguous group of slices), cranio-caudally, up to ``settings.max_images``.  Windowing uses
   the first usable VOI window of the instance, else the 0.5–99.5 percentiles of the image.
-* **CT** — the axial volume, read with SimpleITK (GDCM decodes JPEG, JPEG-LS, JPEG 2000, RLE), resampled
-  onto isotropic mid-sagittal and mid-coronal planes through the spine (the median of the bone voxels),
-  bone window (WL 500 / WW 2000).  A reformat lists every contributing SOP instance and carries
-  ``pixel_to_patient``.  A CT series that is not an axial stack is handled slice by slice like MR.
+* **CT** — the axial stack (its longest evenly spaced run, ordered along the slice normal), resampled with
+  SimpleITK onto isotropic mid-sagittal and mid-coronal planes through the spine (the median of the bone
+  voxels), bone window (WL 500 / WW 2000).  Uncompressed slices are read straight from their files (stored
+  values, each slice's Rescale Slope / Intercept applied where used, headers from ``load_study``); other
+  transfer syntaxes go through SimpleITK's series reader (GDCM decodes JPEG, JPEG-LS, JPEG 2000, RLE).
+  Only the voxels around each plane are converted to HU and resampled.  A reformat lists every
+  contributing SOP instance and carries ``pixel_to_patient``.  A CT series that is not an axial stack is
+  handled slice by slice like MR.
 * **CR / DX** — Modality LUT and VOI LUT applied (pydicom), MONOCHROME1 (or an INVERSE Presentation LUT)
   inverted, the full field kept; AP/PA views first, then laterals.
 
@@ -29,9 +33,10 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -331,8 +336,9 @@ def _slice_to_patient(frame: _Frame, p2s: Sequence[float], thickness: float) -> 
 class _Builder:
     """Collects model images with consecutive indices."""
 
-    def __init__(self, settings: ModelSettings) -> None:
+    def __init__(self, settings: ModelSettings, study: Study) -> None:
         self.settings = settings
+        self.study = study
         self.images: list[ModelImage] = []
 
     @property
@@ -418,9 +424,10 @@ def _frames_of(series: Series) -> list[tuple[Instance, int | None]]:
     return out
 
 
-def _header(instance: Instance) -> Dataset:
+def _header(study: Study, instance: Instance) -> Dataset:
+    """The instance's header, as :func:`~inference.study.load_study` read it (else read now)."""
     try:
-        return pydicom.dcmread(instance.path, stop_before_pixels=True)
+        return study.header(instance)
     except _DECODE_ERRORS as exc:
         raise UnusableStudyError(f"instance {instance.sop_instance_uid}: unreadable header ({exc})") from exc
 
@@ -460,8 +467,8 @@ class _SeriesInfo:
     weighting: str
 
 
-def _series_info(series: Series) -> _SeriesInfo:
-    ds = _header(series.instances[0])
+def _series_info(study: Study, series: Series) -> _SeriesInfo:
+    ds = _header(study, series.instances[0])
     plane = classify_plane(series.image_orientation)
     if plane is None:
         _pos, ori, _sp = _frame_geometry(ds, 0)
@@ -578,7 +585,7 @@ def _axial_images(builder: _Builder, info: _SeriesInfo, budget: int) -> None:
 
 
 def _mr_inputs(builder: _Builder, series: Sequence[Series]) -> None:
-    infos = [_series_info(s) for s in series]
+    infos = [_series_info(builder.study, s) for s in series]
     main = _pick_sagittal(infos)
     _log.info(
         "MR: series %s chosen (plane %s, weighting %s)",
@@ -639,25 +646,305 @@ def _read_volume(run: Sequence[tuple[float, Instance]]) -> Any:
     return vol
 
 
-def _spine_centre(vol: Any) -> npt.NDArray[np.float64]:
+@dataclass(frozen=True)
+class _Stack:
+    """A CT stack of slices: values (slices × rows × columns) and, per slice, the rescale to HU.
+
+    ``values`` are the stored values (read straight from uncompressed files) or already HU (from the
+    SimpleITK reader: slope 1, intercept 0).  Voxel index (i, j, k) = (column, row, slice) lies at
+    ``origin + direction @ (spacing * (i, j, k))`` in patient LPS mm, SimpleITK's convention.
+    """
+
+    values: npt.NDArray[Any]
+    slope: npt.NDArray[np.float64]
+    intercept: npt.NDArray[np.float64]
+    origin: npt.NDArray[np.float64]
+    spacing: npt.NDArray[np.float64]
+    direction: npt.NDArray[np.float64]
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """(columns, rows, slices): SimpleITK's (i, j, k) order."""
+        nz, ny, nx = self.values.shape
+        return nx, ny, nz
+
+    def to_point(self, index: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Continuous index (i, j, k) (or an array of them, one per row) → patient LPS mm."""
+        idx = np.asarray(index, dtype=np.float64)
+        out: npt.NDArray[np.float64] = (idx * self.spacing) @ self.direction.T + self.origin
+        return out
+
+    def to_index(self, point: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Patient LPS mm (or an array of points, one per row) → continuous index (i, j, k)."""
+        m = self.direction * self.spacing  # columns scaled by the spacing
+        out = np.linalg.solve(m, (np.asarray(point, dtype=np.float64) - self.origin).T).T
+        return np.asarray(out, dtype=np.float64)
+
+    def above(self, k: int, hu: float, columns: slice) -> npt.NDArray[np.bool_]:
+        """Mask of slice ``k`` (restricted to ``columns``) where the value in HU exceeds ``hu``."""
+        v = self.values[k, :, columns]
+        m, b = float(self.slope[k]), float(self.intercept[k])
+        if m == 0.0:
+            return np.full(v.shape, b > hu)
+        t = (hu - b) / m
+        if v.dtype.kind in "iu":  # compare stored integers against the threshold's integer bound
+            info = np.iinfo(v.dtype)
+            bound = math.floor(t) if m > 0 else math.ceil(t)
+            if bound < info.min or bound > info.max:
+                return np.full(v.shape, (bound < info.min) == (m > 0))
+            limit = v.dtype.type(bound)
+            mask: npt.NDArray[np.bool_] = v > limit if m > 0 else v < limit
+            return mask
+        mask = v > t if m > 0 else v < t
+        return mask
+
+    def hu(self, lo: Sequence[int], hi: Sequence[int]) -> npt.NDArray[np.float32]:
+        """The block of voxels lo..hi (inclusive (i, j, k) indices) in HU, float32, index order (k, j, i)."""
+        block = self.values[lo[2] : hi[2] + 1, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1].astype(np.float64)
+        block *= self.slope[lo[2] : hi[2] + 1, None, None]
+        block += self.intercept[lo[2] : hi[2] + 1, None, None]
+        return block.astype(np.float32)
+
+
+def _stack_from_image(vol: Any) -> _Stack:
+    """A SimpleITK volume (HU) as a :class:`_Stack`."""
+    sitk = _sitk()
+
+    values = sitk.GetArrayFromImage(vol)
+    n = values.shape[0]
+    return _Stack(
+        values=values,
+        slope=np.ones(n),
+        intercept=np.zeros(n),
+        origin=np.asarray(vol.GetOrigin(), dtype=np.float64),
+        spacing=np.asarray(vol.GetSpacing(), dtype=np.float64),
+        direction=np.asarray(vol.GetDirection(), dtype=np.float64).reshape(3, 3),
+    )
+
+
+#: Uncompressed little-endian transfer syntaxes whose pixel data the CT stack reads straight from the file
+#: (value: implicit VR).
+_NATIVE_SYNTAXES: Final = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
+_PIXEL_DATA_TAG: Final = b"\xe0\x7f\x10\x00"
+#: The header elements every slice of a directly read stack must agree on (keyword, tag).
+_STACK_FORMAT: Final = (
+    ("Rows", 0x00280010),
+    ("Columns", 0x00280011),
+    ("BitsAllocated", 0x00280100),
+    ("BitsStored", 0x00280101),
+    ("HighBit", 0x00280102),
+    ("PixelRepresentation", 0x00280103),
+    ("SamplesPerPixel", 0x00280002),
+    ("PhotometricInterpretation", 0x00280004),
+    ("PixelSpacing", 0x00280030),
+    ("ImageOrientationPatient", 0x00200037),
+)
+_FORBIDDEN_IN_STACK: Final = (0x00283000, 0x7FE00008, 0x7FE00009)  # Modality LUT, float pixel data
+
+
+def _raw_key(ds: Dataset, tag: int) -> object:
+    """A cheap identity for an element's value: its raw bytes when not yet decoded, else its value."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if getattr(elem, "is_raw", False):
+        return elem.value
+    return ("decoded", str(elem.value))
+
+
+def _decoded(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return tuple(float(v) for v in value)
+    return value
+
+
+def _read_stack_fast(study: Study, run: Sequence[tuple[float, Instance]]) -> _Stack | None:
+    """The stack's stored values read straight from uncompressed files, with the headers ``load_study``
+    already read; ``None`` when the slices are not all uncompressed single-frame 16-bit monochrome images
+    of one format and geometry (the caller then uses SimpleITK).
+    """
+    instances = [inst for _, inst in run]
+    headers = [study.headers.get(inst.sop_instance_uid) for inst in instances]
+    if any(h is None for h in headers) or len(instances) < 2 or any(i.number_of_frames != 1 for i in instances):
+        return None
+    hdrs: list[Dataset] = headers  # type: ignore[assignment]
+    formats: dict[tuple[object, ...], Dataset] = {}
+    rescales: dict[tuple[object, object], tuple[float, float]] = {}
+    slope = np.empty(len(hdrs))
+    intercept = np.empty(len(hdrs))
+    syntaxes: set[object] = set()
+    try:
+        for k, ds in enumerate(hdrs):
+            meta = getattr(ds, "file_meta", None)
+            syntax = _raw_key(meta, 0x00020010) if meta is not None else None
+            syntaxes.add(syntax)
+            if any(ds.get_item(tag) is not None for tag in _FORBIDDEN_IN_STACK):
+                return None
+            formats.setdefault((syntax, *(_raw_key(ds, tag) for _, tag in _STACK_FORMAT)), ds)
+            key = (_raw_key(ds, 0x00281053), _raw_key(ds, 0x00281052))
+            if key not in rescales:
+                m, b = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+                rescales[key] = (1.0 if m in (None, "") else float(m), 0.0 if b in (None, "") else float(b))
+            slope[k], intercept[k] = rescales[key]
+        decoded = {
+            tuple([str(ds.file_meta.get("TransferSyntaxUID", ""))] + [_decoded(ds, kw) for kw, _ in _STACK_FORMAT])
+            for ds in formats.values()
+        }
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return None
+    if len(decoded) != 1 or not (np.all(np.isfinite(slope)) and np.all(np.isfinite(intercept))):
+        return None
+    syntax_uid, rows, cols, allocated, stored, high_bit, representation, samples, photometric, ps, iop = next(
+        iter(decoded)
+    )
+    if (
+        syntax_uid not in _NATIVE_SYNTAXES
+        or allocated != 16
+        or not isinstance(stored, int)
+        or not 1 <= stored <= 16
+        or high_bit != stored - 1
+        or representation not in (0, 1)
+        or samples != 1
+        or photometric != "MONOCHROME2"
+        or not isinstance(rows, int)
+        or not isinstance(cols, int)
+        or rows < 2
+        or cols < 2
+        or not isinstance(ps, tuple)
+        or len(ps) != 2
+        or min(ps) <= 0
+        or not isinstance(iop, tuple)
+        or len(iop) != 6
+    ):
+        return None
+    step = _slice_step(run)
+    first = instances[0].image_position
+    row_dir, col_dir = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    if step is None or first is None:
+        return None
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3:
+        return None
+    dz = float(np.linalg.norm(step))
+    direction = np.column_stack([row_dir, col_dir, step / dz])
+    if abs(float(np.linalg.det(direction))) < 1e-3:
+        return None
+    dtype = np.dtype("<u2" if representation == 0 else "<i2")
+    values = np.empty((len(instances), rows, cols), dtype=dtype)
+    n_bytes = rows * cols * 2
+    implicit = _NATIVE_SYNTAXES[str(syntax_uid)]
+    length = n_bytes.to_bytes(4, "little")
+    for k, inst in enumerate(instances):
+        if not _read_native_pixels(inst.path, values[k], implicit, length):
+            _log.info(
+                "CT: pixel data of instance %s not at the end of its file; SimpleITK reads the stack",
+                inst.sop_instance_uid,
+            )
+            return None
+    if stored < 16:  # only the stored bits are the value (PS3.5 8.1.1)
+        if representation == 0:
+            np.bitwise_and(values, np.uint16((1 << stored) - 1), out=values)
+        else:
+            shift = np.int16(16 - stored)
+            np.left_shift(values, shift, out=values)
+            np.right_shift(values, shift, out=values)
+    return _Stack(
+        values=values,
+        slope=slope,
+        intercept=intercept,
+        origin=np.asarray(first, dtype=np.float64),
+        spacing=np.array([ps[1], ps[0], dz]),
+        direction=direction,
+    )
+
+
+def _read_native_pixels(path: Path, out: npt.NDArray[Any], implicit: bool, length: bytes) -> bool:
+    """Read the Pixel Data element that ends the file into ``out``; False if the file does not end with it."""
+    n_bytes = out.nbytes
+    head = 8 if implicit else 12
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = size - n_bytes - head
+            if start < 132:
+                return False
+            f.seek(start)
+            tag = f.read(head)
+            expected = (
+                [_PIXEL_DATA_TAG + length]
+                if implicit
+                else [_PIXEL_DATA_TAG + vr + b"\x00\x00" + length for vr in (b"OW", b"OB")]
+            )
+            if tag not in expected:
+                return False
+            return f.readinto(memoryview(out).cast("B")) == n_bytes  # type: ignore[arg-type]
+    except OSError:
+        return False
+
+
+def _slice_step(run: Sequence[tuple[float, Instance]]) -> npt.NDArray[np.float64] | None:
+    """Patient-space step from one slice to the next (first to last position over the run), or None.
+
+    Along the slice normal for an ordinary stack; oblique to it with gantry tilt (a sheared stack).
+    """
+    first, last = run[0][1].image_position, run[-1][1].image_position
+    if first is None or last is None or len(run) < 2:
+        return None
+    step = (np.asarray(last, dtype=np.float64) - np.asarray(first, dtype=np.float64)) / (len(run) - 1)
+    norm = float(np.linalg.norm(step))
+    return step if math.isfinite(norm) and norm > 1e-6 else None
+
+
+def _read_stack(study: Study, run: Sequence[tuple[float, Instance]]) -> _Stack:
+    """The CT stack: straight from uncompressed files when possible, else SimpleITK's series reader.
+
+    Either way the third axis is the step between the slices' positions: SimpleITK's series reader takes
+    the slice normal for it (with the step's length), which misplaces every slice of a gantry-tilted stack.
+    """
+    stack = _read_stack_fast(study, run)
+    if stack is not None:
+        return stack
+    stack = _stack_from_image(_read_volume(run))
+    step = _slice_step(run)
+    if step is None or len(run) != stack.values.shape[0]:
+        return stack
+    dz = float(np.linalg.norm(step))
+    direction = stack.direction.copy()
+    direction[:, 2] = step / dz
+    if abs(float(np.linalg.det(direction))) < 1e-3:
+        return stack
+    origin = np.asarray(run[0][1].image_position, dtype=np.float64)
+    spacing = np.array([stack.spacing[0], stack.spacing[1], dz])
+    return replace(stack, origin=origin, spacing=spacing, direction=direction)
+
+
+def _spine_centre(stack: _Stack) -> npt.NDArray[np.float64]:
     """Patient (LPS) point on the spine: sagittal plane through the bone's median column, coronal plane
     through the vertebral bodies (the peak of the bone-voxel profile along the AP axis near that column).
     Falls back to the volume centre when there is hardly any bone.
     """
-    sitk = _sitk()
-
-    arr = sitk.GetArrayViewFromImage(vol)  # index order (k, j, i)
-    nz, ny, nx = arr.shape
+    nx, ny, nz = stack.size
     centre = [(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2]
     x0 = nx // 4 if nx >= 8 else 0
-    bone = arr[:, :, x0 : nx - x0] > 150
-    if int(bone.sum()) >= 50:
-        centre[0] = float(np.median(np.nonzero(bone)[2])) + x0
-        sx = vol.GetSpacing()[0]
+    counts = np.zeros(nx - 2 * x0, dtype=np.int64)  # bone voxels per column (central half)
+    for k in range(nz):
+        counts += np.count_nonzero(stack.above(k, 150.0, slice(x0, nx - x0)), axis=0)
+    total = int(counts.sum())
+    if total >= 50:
+        cumulative = np.cumsum(counts)
+
+        def nth(r: int) -> int:  # the r-th (0-based) column index of the sorted bone voxels
+            return int(np.searchsorted(cumulative, r, side="right"))
+
+        median = nth(total // 2) if total % 2 else (nth(total // 2 - 1) + nth(total // 2)) / 2
+        centre[0] = float(median) + x0
+        sx = float(stack.spacing[0])
         half = max(1, round(8.0 / sx))  # a 16 mm strip around the mid-sagittal column
         i0, i1 = max(0, round(centre[0]) - half), min(nx, round(centre[0]) + half + 1)
-        profile = (arr[:, :, i0:i1] > 150).sum(axis=(0, 2)).astype(float)
-        width = max(1, round(10.0 / vol.GetSpacing()[1]))
+        profile = np.zeros(ny)
+        for k in range(nz):
+            profile += np.count_nonzero(stack.above(k, 150.0, slice(i0, i1)), axis=1)
+        width = max(1, round(10.0 / float(stack.spacing[1])))
         smooth = np.convolve(profile, np.ones(width) / width, mode="same")
         if smooth.max() > 0:
             peak = int(np.argmax(smooth))
@@ -667,20 +954,23 @@ def _spine_centre(vol: Any) -> npt.NDArray[np.float64]:
             while hi < ny - 1 and smooth[hi + 1] >= 0.5 * smooth[peak]:
                 hi += 1
             centre[1] = (lo + hi) / 2
-    return np.asarray(vol.TransformContinuousIndexToPhysicalPoint(tuple(centre)), dtype=np.float64)
+    return stack.to_point(centre)
 
 
 def _reformat(
-    vol: Any, centre: npt.NDArray[np.float64], plane: ImagePlane, image_size: int
+    stack: _Stack, centre: npt.NDArray[np.float64], plane: ImagePlane, image_size: int
 ) -> tuple[npt.NDArray[np.uint8], tuple[float, ...]]:
-    """Resample an isotropic plane through ``centre``; columns A→P (sagittal) or R→L (coronal), rows H→F."""
+    """Resample an isotropic plane through ``centre``; columns A→P (sagittal) or R→L (coronal), rows H→F.
+
+    Only the block of voxels around the plane is converted to HU and handed to SimpleITK: linear
+    interpolation reads nothing else, so the plane is the one resampled from the whole volume.
+    """
     sitk = _sitk()
 
-    size = np.asarray(vol.GetSize(), dtype=float)
-    corners = [
-        vol.TransformContinuousIndexToPhysicalPoint(tuple(c * (s - 1) for c, s in zip(corner, size, strict=True)))
-        for corner in np.ndindex(2, 2, 2)
-    ]
+    size = np.asarray(stack.size, dtype=float)
+    corners = stack.to_point(
+        [[c * (s - 1) for c, s in zip(corner, size, strict=True)] for corner in np.ndindex(2, 2, 2)]
+    )
     lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
     col_dir = np.array([0.0, 1.0, 0.0]) if plane is ImagePlane.SAGITTAL else np.array([1.0, 0.0, 0.0])
     row_dir = np.array([0.0, 0.0, -1.0])
@@ -692,11 +982,23 @@ def _reformat(
     origin = centre.copy()
     origin[axis] = (lo[axis] + hi[axis]) / 2 - spacing * (cols - 1) / 2
     origin[2] = (lo[2] + hi[2]) / 2 + spacing * (rows - 1) / 2
+    # the voxels the plane's samples interpolate from: its corners' indices, one voxel of margin
+    plane_corners = [
+        origin + col_dir * spacing * c + row_dir * spacing * r for c in (0, cols - 1) for r in (0, rows - 1)
+    ]
+    idx = stack.to_index(plane_corners)
+    top = np.asarray(stack.size) - 1
+    first = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, top)
+    last = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 1, 0, top)
+    block = sitk.GetImageFromArray(stack.hu(first, last))
+    block.SetOrigin(tuple(float(v) for v in stack.to_point(first)))
+    block.SetSpacing(tuple(float(v) for v in stack.spacing))
+    block.SetDirection(tuple(float(v) for v in stack.direction.ravel()))
     ref = sitk.Image(int(cols), int(rows), 1, sitk.sitkFloat32)
     ref.SetSpacing((spacing, spacing, spacing))
     ref.SetOrigin(tuple(float(v) for v in origin))
     ref.SetDirection(tuple(np.column_stack([col_dir, row_dir, normal]).ravel()))
-    plane_img = sitk.Resample(vol, ref, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
+    plane_img = sitk.Resample(block, ref, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
     hu = sitk.GetArrayFromImage(plane_img)[0]
     level, width = BONE_WINDOW
     pixels = _to_uint8(hu, level - width / 2, level + width / 2)
@@ -705,7 +1007,7 @@ def _reformat(
 
 
 def _ct_inputs(builder: _Builder, series: Sequence[Series]) -> None:
-    infos = [_series_info(s) for s in series]
+    infos = [_series_info(builder.study, s) for s in series]
     axial = [i for i in infos if i.plane is ImagePlane.AXIAL and len(i.series.instances) >= _MIN_VOLUME_SLICES]
     if not axial:
         main = _pick_sagittal(infos)
@@ -721,13 +1023,13 @@ def _ct_inputs(builder: _Builder, series: Sequence[Series]) -> None:
         )
     if len(run) < len(main.series.instances):
         _log.warning("CT: using %d of %d slices (uneven spacing or duplicates)", len(run), len(main.series.instances))
-    vol = _read_volume(run)
-    centre = _spine_centre(vol)
+    stack = _read_stack(builder.study, run)
+    centre = _spine_centre(stack)
     instances = [inst for _, inst in run]
     for plane, what in ((ImagePlane.SAGITTAL, "mid-sagittal"), (ImagePlane.CORONAL, "mid-coronal")):
         if builder.full:
             break
-        pixels, affine = _reformat(vol, centre, plane, builder.settings.image_size)
+        pixels, affine = _reformat(stack, centre, plane, builder.settings.image_size)
         builder.add_reformat(
             pixels, main.series, instances, plane, f"{what} reformat of the axial CT, bone window", affine
         )
@@ -772,7 +1074,7 @@ def _xr_inputs(builder: _Builder, series: Sequence[Series]) -> None:
         for inst, number in _frames_of(s):
             if number not in (None, 1):
                 continue  # one frame per radiograph instance
-            view = _view(_header(inst), s)
+            view = _view(_header(builder.study, inst), s)
             items.append(({"AP": 0, "PA": 0, "lateral": 1}.get(view, 2), view, s, inst, number))
     items.sort(key=lambda t: t[0])
     reasons: list[str] = []
@@ -858,7 +1160,7 @@ def prepare_inputs(study: Study, series_uids: Sequence[str], settings: ModelSett
     ignored = [m for m in by_modality if m != group]
     if ignored:
         _log.info("modality %s used; selected series of %s ignored", group, ", ".join(ignored))
-    builder = _Builder(settings)
+    builder = _Builder(settings, study)
     series = by_modality[group]
     try:
         if group == "MR":

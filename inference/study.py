@@ -9,7 +9,7 @@ from files only, so the same type serves the C-STORE path, the Orthanc path and
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +53,12 @@ class Series:
 
 @dataclass(frozen=True)
 class Study:
-    """One study: identity header subset and its series."""
+    """One study: identity header subset and its series.
+
+    ``headers`` keeps the header (no pixel data) :func:`load_study` read for each instance, by SOP
+    Instance UID, so the later stages (preprocessing, the SR builder) need not read them again; it is
+    not part of the study's value (equality, repr).  Treat the datasets as read-only.
+    """
 
     study_instance_uid: str
     patient_id: str
@@ -67,6 +72,21 @@ class Study:
     study_description: str
     referring_physician_name: str
     series: tuple[Series, ...] = field(default_factory=tuple)
+    headers: Mapping[str, pydicom.Dataset] = field(default_factory=dict, compare=False, repr=False)
+
+    def header(self, instance: Instance) -> pydicom.Dataset:
+        """The header (no pixel data) of one of the study's instances: the one :func:`load_study` read,
+        else read from its file now.
+
+        Raises
+        ------
+        OSError, pydicom.errors.InvalidDicomError
+            The file cannot be read.
+        """
+        ds = self.headers.get(instance.sop_instance_uid)
+        if ds is None:
+            ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
+        return ds
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -158,6 +178,7 @@ def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: s
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
 
     series: list[Series] = []
+    kept: dict[str, pydicom.Dataset] = {}
     for uid, items in by_series.items():
         seen: set[str] = set()
         instances: list[Instance] = []
@@ -166,6 +187,7 @@ def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: s
             if sop_uid in seen:  # the same instance received twice: keep the first copy
                 continue
             seen.add(sop_uid)
+            kept.setdefault(sop_uid, ds)
             pos = _floats(ds, "ImagePositionPatient", 3)
             instances.append(
                 Instance(
@@ -208,4 +230,5 @@ def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: s
         study_description=_str(ds0, "StudyDescription"),
         referring_physician_name=_str(ds0, "ReferringPhysicianName"),
         series=tuple(series),
+        headers=kept,
     )

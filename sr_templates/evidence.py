@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 
 from inference.findings import Evidence, InputImage, SpineFindings
-from inference.study import Study
+from inference.study import Instance, Study
 
 __all__ = ["ResolvedEvidence", "SourceIndex", "map_to_patient", "map_to_source"]
 
@@ -126,7 +126,8 @@ class SourceIndex:
     def __init__(self, study: Study, findings: SpineFindings) -> None:
         self._study = study
         self._findings = findings
-        self._paths: dict[str, Path] = {i.sop_instance_uid: i.path for i in study.instances}
+        self._instances: dict[str, Instance] = {i.sop_instance_uid: i for i in study.instances}
+        self._paths: dict[str, Path] = {uid: i.path for uid, i in self._instances.items()}
         self._headers: dict[str, pydicom.Dataset] = {}
         for image in findings.images:
             for uid in image.sop_instance_uids:
@@ -136,10 +137,10 @@ class SourceIndex:
                     )
 
     def header(self, sop_instance_uid: str) -> pydicom.Dataset:
-        """Header (no pixel data) of one source instance."""
+        """Header (no pixel data) of one source instance (the one the study was loaded with)."""
         ds = self._headers.get(sop_instance_uid)
         if ds is None:
-            ds = pydicom.dcmread(self._paths[sop_instance_uid], stop_before_pixels=True)
+            ds = self._study.header(self._instances[sop_instance_uid])
             self._headers[sop_instance_uid] = ds
         return ds
 
