@@ -8,7 +8,9 @@
   reason *local limit exceeded* — senders queue and retry later.  Instances on associations already
   open get ``0xA700`` from the C-STORE handler, before the disk is full.
 
-The calling AE allow-list (``node.allowed_calling_aes``) is pynetdicom's own ``require_calling_aet``.
+The calling AE allow-list, the called AE title and ``node.max_associations`` are checked during
+negotiation (:mod:`dicom_node.acceptor`); every refusal, whichever check made it, is counted and
+audited here.
 """
 
 from __future__ import annotations
@@ -17,27 +19,20 @@ import ipaddress
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from pynetdicom import evt
-
+from dicom_node.acceptor import Rejection
 from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeConfig
 from dicom_node.log import get_logger
 
-__all__ = ["AssociationGate", "GateStats"]
+__all__ = ["REJECT_LOW_DISK", "REJECT_SOURCE_ADDRESS", "AssociationGate", "GateStats"]
 
 log = get_logger(__name__)
 
-# A-ASSOCIATE-RJ parameters (PS3.8 9.3.4)
-_PERMANENT, _TRANSIENT = 0x01, 0x02
-_SERVICE_USER, _PROVIDER_PRESENTATION = 0x01, 0x03
-_NO_REASON, _LOCAL_LIMIT = 0x01, 0x02
-_PYNETDICOM_REJECTIONS: dict[tuple[int | None, int | None], tuple[str, str]] = {
-    (0x01, 0x03): ("calling_ae", "calling AE title not in node.allowed_calling_aes"),
-    (0x01, 0x07): ("called_ae", "called AE title is not ours"),
-    (0x03, 0x02): ("max_associations", "node.max_associations reached (local limit exceeded)"),
-}
+REJECT_SOURCE_ADDRESS = Rejection(0x01, 0x01, 0x01, "source_address",
+                                  "source address not in node.allowed_source_networks")
+REJECT_LOW_DISK = Rejection(0x02, 0x03, 0x02, "low_disk",
+                            "spool disk below node.min_free_disk_mb (local limit exceeded)")
 
 
 @dataclass
@@ -57,7 +52,7 @@ class GateStats:
 
 
 class AssociationGate:
-    """The ``EVT_REQUESTED`` check: source address and free disk space.
+    """The checks made before negotiation (source address, free disk space), and the refusal record.
 
     Parameters
     ----------
@@ -76,9 +71,6 @@ class AssociationGate:
         self.audit = audit
         self.stats = GateStats()
 
-    def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected)]
-
     def address_allowed(self, address: str) -> bool:
         """Whether a peer at ``address`` may associate (always, with an empty allow-list)."""
         if not self.networks:
@@ -94,35 +86,18 @@ class AssociationGate:
     def low_disk(self) -> bool:
         return self.min_free > 0 and self.free_bytes() < self.min_free
 
-    def _reject(self, event: Any, reason: str, why: str, params: tuple[int, int, int]) -> None:
-        assoc = event.assoc
-        peer = str(assoc.requestor.address)
-        calling = str(assoc.requestor.ae_title).strip()
-        self.stats.add(reason)
-        log.warning("association rejected: " + why, peer_ip=peer, calling_ae=calling, reason=reason)
-        self.audit.record("association_rejected", durable=False, peer_ip=peer, calling_ae=calling, reason=reason,
-                          detail=why)
-        assoc.acse.send_reject(*params)
-        assoc.kill()  # as pynetdicom does after its own rejections: the RJ PDU goes out, then the socket closes
+    def check(self, peer_ip: str) -> Rejection | None:
+        """The rejection for a peer at ``peer_ip`` before negotiation, or ``None``."""
+        if not self.address_allowed(peer_ip):
+            return REJECT_SOURCE_ADDRESS
+        if self.low_disk():
+            return REJECT_LOW_DISK
+        return None
 
-    def _on_rejected(self, event: Any) -> None:
-        """pynetdicom's own rejections: calling/called AE title, too many associations."""
-        assoc = event.assoc
-        rsp = assoc.acceptor.primitive
-        key = (getattr(rsp, "result_source", None), getattr(rsp, "diagnostic", None))
-        reason, why = _PYNETDICOM_REJECTIONS.get(key, ("other", "association rejected during negotiation"))
-        peer = str(assoc.requestor.address)
-        calling = str(assoc.requestor.ae_title).strip()
-        self.stats.add(reason)
-        log.warning("association rejected: " + why, peer_ip=peer, calling_ae=calling, reason=reason)
-        self.audit.record("association_rejected", durable=False, peer_ip=peer, calling_ae=calling, reason=reason,
-                          detail=why)
-
-    def _on_requested(self, event: Any) -> None:
-        peer = str(event.assoc.requestor.address)
-        if not self.address_allowed(peer):
-            self._reject(event, "source_address", "source address not in node.allowed_source_networks",
-                         (_PERMANENT, _SERVICE_USER, _NO_REASON))
-        elif self.low_disk():
-            self._reject(event, "low_disk", "spool disk below node.min_free_disk_mb (local limit exceeded)",
-                         (_TRANSIENT, _PROVIDER_PRESENTATION, _LOCAL_LIMIT))
+    def record(self, peer_ip: str, calling_ae: str, rejection: Rejection) -> None:
+        """Count, log and audit one refused association (whichever check refused it)."""
+        self.stats.add(rejection.reason)
+        log.warning("association rejected: " + rejection.detail, peer_ip=peer_ip, calling_ae=calling_ae,
+                    reason=rejection.reason)
+        self.audit.record("association_rejected", durable=False, peer_ip=peer_ip, calling_ae=calling_ae,
+                          reason=rejection.reason, detail=rejection.detail)

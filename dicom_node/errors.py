@@ -7,6 +7,8 @@ __all__ = [
     "ExportError",
     "JobNotFoundError",
     "NodeError",
+    "PeerClosed",
+    "ProtocolError",
     "SpoolError",
     "StoreError",
 ]
@@ -34,3 +36,16 @@ class SpoolError(NodeError, OSError):
 
 class ExportError(NodeError):
     """A destination refused or could not be reached."""
+
+
+class ProtocolError(NodeError):
+    """A peer broke the DICOM Upper Layer protocol; the association is aborted with ``reason``
+    (an A-ABORT provider reason, PS3.8 9.3.8)."""
+
+    def __init__(self, message: str, reason: int = 0x00) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PeerClosed(NodeError):
+    """A peer closed the TCP connection."""

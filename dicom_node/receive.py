@@ -1,36 +1,41 @@
-"""The listener: C-ECHO and C-STORE SCP.
+"""The receiving service: C-ECHO and C-STORE on the node's listener.
 
-The C-STORE handler does no slow work.  It checks the request, writes the bytes exactly as received
-(with a file meta header) to the spool, fsyncs and renames, records the instance in the job store,
-and only then answers Success.  Anything it cannot store durably is refused with a failure status,
-so the sender keeps its copy and retries.
+The C-STORE path does no slow work.  Data set fragments are written to the spool's ``.incoming/`` as
+they arrive; once the data set is complete it is checked (decodable, UIDs as in the request), fsynced
+and linked into place — and only then is Success answered.  The spool file is the durable record: the
+job store and the audit trail are written from it by the indexer in batches (group commit,
+:mod:`dicom_node.indexer`), and reconciled from the spool after a crash.  Anything that cannot be
+stored durably is refused with a failure status, so the sender keeps its copy and retries.  The
+protocol side is :mod:`dicom_node.listener`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.filereader import read_partial
 
+from dicom_node.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Rejection
 from dicom_node.access import AssociationGate
 from dicom_node.audit import open_audit
 from dicom_node.config import NodeConfig
-from dicom_node.errors import SpoolError, StoreError
+from dicom_node.errors import SpoolError
+from dicom_node.indexer import InstanceIndexer, reconcile
+from dicom_node.listener import AssociationInfo, DatasetSink, Listener, ListenerSettings, StoreRequest
 from dicom_node.log import get_logger, phi_hash
 from dicom_node.net import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
-    nodelay_handlers,
     storage_contexts,
 )
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, SpoolFile, part10_header
 from dicom_node.store import InstanceRecord, JobStore
 from dicom_node.tls import server_context
 
@@ -56,8 +61,28 @@ class ReceiverStats:
                 setattr(self, k, getattr(self, k) + v)
 
 
+class _Discard:
+    """The sink of an instance refused before its data set arrived (low disk)."""
+
+    def write(self, data: memoryview) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+def _past_series_uid(tag: int, vr: str | None, length: int) -> bool:
+    return tag > 0x0020000E
+
+
+def _read_header(path: Path) -> Dataset:
+    """The received data set up to Series Instance UID (all the listener needs; the rest is read later)."""
+    with path.open("rb") as fp:
+        return read_partial(fp, stop_when=_past_series_uid)
+
+
 class Receiver:
-    """C-STORE / C-ECHO SCP writing to a :class:`Spool` and a :class:`JobStore`.
+    """The storage service of the listener, writing to a :class:`Spool` and a :class:`JobStore`.
 
     Parameters
     ----------
@@ -72,67 +97,92 @@ class Receiver:
         self.store = store
         self.spool = Spool(config.spool_dir)
         self.stats = ReceiverStats()
-        self._server: ThreadedAssociationServer | None = None
-        n = config.node
-        ae = AE(ae_title=n.ae_title)
-        ae.supported_contexts = storage_contexts()
-        ae.maximum_associations = n.max_associations
-        ae.acse_timeout = n.acse_timeout_s
-        ae.dimse_timeout = n.dimse_timeout_s
-        ae.network_timeout = n.network_timeout_s
-        ae.require_called_aet = True
-        # calling AE allow-list: pynetdicom rejects others with 'calling AE title not recognised'
-        ae.require_calling_aet = list(n.allowed_calling_aes)
-        self.ae = ae
         # operations: audit trail, association gate (source addresses, low disk), DICOM TLS
         self.audit = open_audit(config)
         self.gate = AssociationGate(config, self.spool.free_bytes, self.audit)
-        self.ssl_context = server_context(config.tls) if config.tls.enabled else None
+        self.indexer = InstanceIndexer(store, self.audit)
+        self._sync_pool = ThreadPoolExecutor(max_workers=min(32, config.node.max_associations),
+                                             thread_name_prefix="fsync")
+        n = config.node
+        self.listener = Listener(
+            ListenerSettings(
+                ae_title=n.ae_title,
+                host=n.host,
+                port=n.port,
+                contexts=storage_contexts(),
+                allowed_calling_aes=list(n.allowed_calling_aes),
+                max_associations=n.max_associations,
+                acse_timeout_s=n.acse_timeout_s,
+                network_timeout_s=n.network_timeout_s,
+                ssl_context=server_context(config.tls) if config.tls.enabled else None,
+            ),
+            self,
+        )
 
-    # ------------------------------------------------------------------ handlers
-    def handlers(self) -> list[Any]:
-        """All event handlers, registered in one place."""
-        return [
-            *nodelay_handlers(),
-            *self.gate.handlers(),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store_audited),
-        ]
+    # ------------------------------------------------------------------ associations
+    def check_peer(self, peer_ip: str) -> Rejection | None:
+        return self.gate.check(peer_ip)
 
-    def _on_store_audited(self, event: Any) -> int | tuple[int, Dataset]:
-        result = self._on_store(event)
-        status = result[0] if isinstance(result, tuple) else result
-        self.audit.record("instance_received", **_audit_fields(event), status=f"0x{status:04X}",
-                          outcome="stored" if status == STATUS_SUCCESS else "refused")
-        return result
+    def association_rejected(self, peer_ip: str, calling_ae: str, rejection: Rejection) -> None:
+        self.gate.record(peer_ip, calling_ae, rejection)
 
-    def _on_accepted(self, event: Any) -> None:
+    def association_accepted(self, info: AssociationInfo) -> None:
         self.stats.add(associations=1)
-
-    def _on_echo(self, event: Any) -> int:
-        return STATUS_SUCCESS
 
     def _low_disk(self) -> bool:
         return self.spool.free_bytes() < self.config.node.min_free_disk_mb * 1024 * 1024
 
-    def _on_store(self, event: Any) -> int | tuple[int, Dataset]:
-        calling = event.assoc.requestor.ae_title.strip()
+    # ------------------------------------------------------------------ C-STORE
+    def begin_store(self, info: AssociationInfo, request: StoreRequest) -> DatasetSink:
         if self._low_disk():
-            self.stats.add(refused=1)
-            log.error("instance refused: spool disk below min_free_disk_mb", calling_ae=calling)
-            return STATUS_OUT_OF_RESOURCES
-        req = event.request
+            return _Discard()
         try:
-            ds = event.dataset
+            incoming = self.spool.begin()
+        except SpoolError as exc:
+            log.error("instance refused: spool write failed", calling_ae=info.calling_ae, detail=str(exc))
+            return _Discard()
+        try:
+            incoming.write(part10_header(request.command.sop_class_uid, request.command.sop_instance_uid,
+                                         request.transfer_syntax, IMPLEMENTATION_CLASS_UID,
+                                         IMPLEMENTATION_VERSION_NAME, info.calling_ae))
+        except (SpoolError, ValueError) as exc:  # ValueError: a request UID pydicom will not encode
+            incoming.discard()
+            log.warning("instance refused: cannot write its file meta", calling_ae=info.calling_ae,
+                        error=type(exc).__name__)
+            return _Discard()
+        return incoming
+
+    def end_store(self, info: AssociationInfo, request: StoreRequest, sink: DatasetSink) -> int:
+        try:
+            status, study = self._store(info, request, sink)
+        finally:
+            sink.discard()  # a no-op once committed; removes the partial file otherwise
+        if status != STATUS_SUCCESS:  # stored instances are audited by the indexer, once recorded
+            self.audit.record("instance_received", durable=False, calling_ae=info.calling_ae, peer_ip=info.peer_ip,
+                              study=study, sop=phi_hash(request.command.sop_instance_uid),
+                              status=f"0x{status:04X}", outcome="refused")
+        return status
+
+    def _refuse(self, status: int) -> int:
+        self.stats.add(refused=1)
+        return status
+
+    def _store(self, info: AssociationInfo, request: StoreRequest, sink: DatasetSink) -> tuple[int, str]:
+        """Check, sync, record: ``(status, hashed study UID for the audit trail)``."""
+        calling = info.calling_ae
+        if not isinstance(sink, SpoolFile):
+            log.error("instance refused: spool disk below min_free_disk_mb or not writable", calling_ae=calling)
+            return self._refuse(STATUS_OUT_OF_RESOURCES), "not read (refused before its data set)"
+        sink.start_sync(self._sync_pool)  # the fsync runs while the header is checked
+        try:
+            ds = _read_header(sink.path)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
             study_uid = str(ds.StudyInstanceUID)
             series_uid = str(ds.SeriesInstanceUID)
             modality = str(ds.get("Modality", "") or "")
             series_desc = str(ds.get("SeriesDescription", "") or "")
-        except Exception as exc:
-            self.stats.add(refused=1)
+        except Exception as exc:  # peer data: any decoding failure is refused with 0xC000, never raised
             log.warning(
                 "instance refused: cannot decode dataset",
                 calling_ae=calling,
@@ -140,19 +190,23 @@ class Receiver:
                 # pydicom's messages quote element values (names, IDs): only a digest, for correlation
                 detail_digest=phi_hash(str(exc)),
             )
-            return STATUS_CANNOT_UNDERSTAND
-        if sop_uid != str(req.AffectedSOPInstanceUID) or sop_class != str(req.AffectedSOPClassUID):
-            self.stats.add(refused=1)
-            log.warning(
-                "instance refused: dataset UIDs differ from the C-STORE request",
-                calling_ae=calling,
-                sop=phi_hash(sop_uid),
-            )
-            return STATUS_DATASET_MISMATCH
+            return self._refuse(STATUS_CANNOT_UNDERSTAND), f"undecodable ({type(exc).__name__})"
+        study = phi_hash(study_uid)
+        command = request.command
+        if sop_uid != command.sop_instance_uid or sop_class != command.sop_class_uid:
+            log.warning("instance refused: dataset UIDs differ from the C-STORE request", calling_ae=calling,
+                        sop=phi_hash(sop_uid))
+            return self._refuse(STATUS_DATASET_MISMATCH), study
+        size = sink.size
         try:
-            data = event.encoded_dataset(include_meta=True)
-            path = self.spool.write(study_uid, sop_uid, data)
-            fresh = self.store.record_instance(
+            path, fresh = self.spool.commit(sink, study_uid, sop_uid)
+        except SpoolError as exc:
+            log.error("instance refused: spool write failed", calling_ae=calling, detail=str(exc))
+            return self._refuse(STATUS_OUT_OF_RESOURCES), study
+        # durable now: Success may go back; the job store and the audit trail follow in the indexer's next batch
+        if fresh:
+            self.stats.add(stored=1, bytes=size)
+            self.indexer.submit(
                 InstanceRecord(
                     sop_instance_uid=sop_uid,
                     study_instance_uid=study_uid,
@@ -161,61 +215,41 @@ class Receiver:
                     modality=modality,
                     series_description=series_desc,
                     path=str(path),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    size=len(data),
+                    transfer_syntax_uid=request.transfer_syntax,
+                    size=size,
                     calling_ae=calling,
                     received_at=time.time(),
-                )
+                ),
+                calling_ae=calling,
+                peer_ip=info.peer_ip,
+                study=study,
+                sop=phi_hash(sop_uid),
             )
-        except SpoolError as exc:
-            self.stats.add(refused=1)
-            log.error("instance refused: spool write failed", calling_ae=calling, detail=str(exc))
-            return STATUS_OUT_OF_RESOURCES
-        except (StoreError, OSError) as exc:
-            self.stats.add(refused=1)
-            log.error("instance refused: job store write failed", calling_ae=calling, detail=str(exc))
-            return STATUS_OUT_OF_RESOURCES
-        if fresh:
-            self.stats.add(stored=1, bytes=len(data))
         else:
             self.stats.add(duplicates=1)
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, study
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
-        """Start listening in background threads; returns the bound port."""
+        """Recover what a crash left unrecorded, then listen in background threads; returns the bound port."""
+        reconcile(self.spool.root, self.store, self.audit)
+        self.indexer.start()
+        port = self.listener.start()
         n = self.config.node
-        server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=self.handlers(),
-                                      ssl_context=self.ssl_context)
-        assert server is not None  # block=False always returns the server
-        self._server = server
-        port = int(server.server_address[1])
-        log.info("listening", ae_title=n.ae_title, host=n.host, port=port, tls=self.ssl_context is not None)
+        log.info("listening", ae_title=n.ae_title, host=n.host, port=port,
+                 tls=self.listener.settings.ssl_context is not None)
         return port
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("receiver not started")
-        return int(self._server.server_address[1])
+        return self.listener.port
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every instance acknowledged so far is recorded in the job store."""
+        return self.indexer.flush(timeout)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        self.listener.stop()
+        self._sync_pool.shutdown(wait=True)
+        self.indexer.stop()
         self.audit.close()
-
-
-def _audit_fields(event: Any) -> dict[str, Any]:
-    """Who sent what, for the audit trail: calling AE, peer address, hashed study and instance UIDs."""
-    req = event.request
-    try:
-        study = phi_hash(str(event.dataset.StudyInstanceUID))
-    except Exception as exc:  # an undecodable dataset is audited as such (the handler refused it)
-        study = f"undecodable ({type(exc).__name__})"
-    return {
-        "calling_ae": str(event.assoc.requestor.ae_title).strip(),
-        "peer_ip": str(event.assoc.requestor.address),
-        "study": study,
-        "sop": phi_hash(str(req.AffectedSOPInstanceUID)),
-    }

@@ -11,14 +11,59 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import uuid
+from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 
 from dicom_node.errors import SpoolError
 
-__all__ = ["Spool", "study_key"]
+__all__ = ["Spool", "SpoolFile", "part10_header", "study_key"]
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+_SHORT = struct.Struct("<HH2sH")
+_LONG = struct.Struct("<HH2sxxI")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return _LONG.pack(0x0002, element, vr, len(value)) + value
+    return _SHORT.pack(0x0002, element, vr, len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, implementation_uid: str,
+                  implementation_version: str, source_ae: str = "") -> bytes:
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for an instance stored as received.
+
+    Encoded directly (Explicit VR Little Endian, a handful of elements) because it is written once per
+    received instance; the tests check it byte for byte against pydicom's ``write_file_meta_info``.
+
+    Raises
+    ------
+    ValueError
+        A UID that is not a valid UID, or an AE title that is not 1-16 ASCII characters.
+    """
+    uids = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, implementation_uid)
+    for name, value in zip(("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "implementation_uid"), uids,
+                           strict=True):
+        if not _UID.match(value):
+            raise ValueError(f"{name}: not a valid UID: {value!r}")
+    if source_ae and (len(source_ae) > 16 or not source_ae.isascii() or "\\" in source_ae):
+        raise ValueError(f"source_ae: not a valid AE title: {source_ae!r}")
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode(), b"\x00"),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode(), b"\x00"),
+        _meta_element(0x0010, b"UI", transfer_syntax_uid.encode(), b"\x00"),
+        _meta_element(0x0012, b"UI", implementation_uid.encode(), b"\x00"),
+        _meta_element(0x0013, b"SH", implementation_version.encode("ascii"), b" "),
+        _meta_element(0x0016, b"AE", source_ae.encode("ascii"), b" ") if source_ae else b"",
+    ))
+    return b"\x00" * 128 + b"DICM" + _SHORT.pack(0x0002, 0x0000, b"UL", 4) + struct.pack("<I", len(body)) + body
 
 
 def study_key(study_uid: str) -> str:
@@ -41,45 +86,66 @@ class Spool:
             raise SpoolError(f"sop_instance_uid: not a valid UID: {sop_instance_uid!r}")
         return self.root / study_key(study_uid) / f"{sop_instance_uid}.dcm"
 
+    def begin(self) -> SpoolFile:
+        """Start receiving one instance: its bytes go to ``.incoming/`` as they arrive.
+
+        Raises
+        ------
+        SpoolError
+            The file cannot be created.
+        """
+        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise SpoolError(f"cannot write instance to spool {self.root}: {exc.strerror or exc}") from exc
+        return SpoolFile(tmp, fd)
+
+    def commit(self, incoming: SpoolFile, study_uid: str, sop_instance_uid: str) -> tuple[Path, bool]:
+        """Make ``incoming`` durable under its final name: ``(path, fresh)``.
+
+        ``fresh`` is ``False`` for a resend of an instance we hold: the first copy is kept (the job
+        store counts the resend as a duplicate; replacing the bytes would change an instance already
+        received and analysed) and ``incoming`` is discarded.
+
+        Raises
+        ------
+        SpoolError
+            The bytes could not be synced or linked (disk full, I/O error).
+        """
+        final = self.path_for(study_uid, sop_instance_uid)
+        try:
+            if final.exists():
+                incoming.discard()
+                return final, False
+            incoming.sync_and_close()
+            new_dir = not final.parent.exists()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(incoming.path, final)  # never replaces: two concurrent sends of one instance keep the first
+            except FileExistsError:
+                incoming.discard()
+                return final, False
+            incoming.discard()
+            _fsync_dir(final.parent)
+            if new_dir:
+                _fsync_dir(self.root)
+        except OSError as exc:
+            incoming.discard()
+            raise SpoolError(f"cannot write instance to spool {self.root}: {exc.strerror or exc}") from exc
+        return final, True
+
     def write(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
-        """Write ``data`` durably and return its final path.
+        """Write ``data`` (a whole Part 10 file) durably and return its final path.
 
         Raises
         ------
         SpoolError
             The bytes could not be written and synced (disk full, I/O error).
         """
-        final = self.path_for(study_uid, sop_instance_uid)
-        if final.exists():
-            # a resend of an instance we hold: keep the first copy (the job store counts the resend as a
-            # duplicate; replacing the bytes would change an instance already received and analysed)
-            return final
-        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            new_dir = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(tmp, final)  # never replaces: two concurrent sends of one instance keep the first
-            except FileExistsError:
-                tmp.unlink()
-                return final
-            tmp.unlink()
-            _fsync_dir(final.parent)
-            if new_dir:
-                _fsync_dir(self.root)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise SpoolError(f"cannot write instance to spool {self.root}: {exc.strerror or exc}") from exc
-        return final
+        incoming = self.begin()
+        incoming.write(data)
+        return self.commit(incoming, study_uid, sop_instance_uid)[0]
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -91,3 +157,61 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class SpoolFile:
+    """An instance being received into ``.incoming/``: written as it arrives, synced on commit."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = fd
+        self._sync: Future[None] | None = None
+
+    def start_sync(self, pool: Executor) -> None:
+        """Start the fsync on ``pool`` now, so that it overlaps with other work on the instance (checking
+        its header); :meth:`sync_and_close` then waits for it."""
+        if self._fd is not None and self._sync is None:
+            self._sync = pool.submit(os.fsync, self._fd)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``.
+
+        Raises
+        ------
+        SpoolError
+            The write failed (disk full, I/O error); the file is discarded.
+        """
+        if self._fd is None:
+            raise SpoolError(f"{self.path.name}: already closed")
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as exc:
+            self.discard()
+            raise SpoolError(f"cannot write instance to spool: {exc.strerror or exc}") from exc
+
+    def sync_and_close(self) -> None:
+        """fsync and close (raises :class:`OSError`)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if self._sync is not None:
+                self._sync.result()  # re-raises the fsync's OSError
+            else:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete the partial file (idempotent)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            if self._sync is not None:
+                wait([self._sync])  # never close the descriptor under a running fsync; its outcome no longer matters
+            os.close(fd)
+        self.path.unlink(missing_ok=True)

@@ -135,6 +135,8 @@ class JobStore(Protocol):
     """What the receiver, the scheduler and the worker need from durable storage."""
 
     def record_instance(self, rec: InstanceRecord, *, source: str = "dicom") -> bool: ...
+    def record_instances(self, recs: Sequence[InstanceRecord], *, source: str = "dicom") -> list[bool]: ...
+    def instance_paths(self) -> set[str]: ...
     def complete_due(
         self, now: float, quiet_s: float, force_s: float, required_series: Sequence[str] = ()
     ) -> list[Job]: ...
@@ -351,65 +353,76 @@ class SQLiteJobStore:
         Returns ``False`` when the SOP Instance UID was already recorded (a resend) or is one of our own
         results coming back (a routing loop): nothing changes.
         """
+        return self.record_instances([rec], source=source)[0]
+
+    def record_instances(self, recs: Sequence[InstanceRecord], *, source: str = "dicom") -> list[bool]:
+        """:meth:`record_instance` for several instances in one transaction (group commit)."""
         now = time.time()
         with self._tx() as db:
-            if db.execute(
-                "SELECT 1 FROM outputs WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
-            ).fetchone():
-                # one of our own results routed back to us (PACS auto-routing, Orthanc): never a new source
-                return False
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.sop_instance_uid,
-                    rec.study_instance_uid,
-                    rec.series_instance_uid,
-                    rec.sop_class_uid,
-                    rec.modality,
-                    rec.series_description,
-                    rec.path,
-                    rec.transfer_syntax_uid,
-                    rec.size,
-                    rec.calling_ae,
-                    rec.received_at,
-                ),
+            return [self._record_one(db, rec, source, now) for rec in recs]
+
+    def instance_paths(self) -> set[str]:
+        """The spool paths of every recorded instance (for reconciling the spool after a crash)."""
+        return {p for (p,) in self._conn().execute("SELECT path FROM instances")}
+
+    def _record_one(self, db: sqlite3.Connection, rec: InstanceRecord, source: str, now: float) -> bool:
+        if db.execute(
+            "SELECT 1 FROM outputs WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+        ).fetchone():
+            # one of our own results routed back to us (PACS auto-routing, Orthanc): never a new source
+            return False
+        cur = db.execute(
+            "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.sop_instance_uid,
+                rec.study_instance_uid,
+                rec.series_instance_uid,
+                rec.sop_class_uid,
+                rec.modality,
+                rec.series_description,
+                rec.path,
+                rec.transfer_syntax_uid,
+                rec.size,
+                rec.calling_ae,
+                rec.received_at,
+            ),
+        )
+        if cur.rowcount == 0:
+            return False
+        job = self._fetch_job(db, "study_uid = ?", (rec.study_instance_uid,))
+        if job is None:
+            db.execute(
+                "INSERT INTO jobs(study_uid, state, source, instance_count, first_received_at, "
+                "last_received_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (rec.study_instance_uid, JobState.RECEIVING, source, 1, now, now, now, now),
             )
-            if cur.rowcount == 0:
-                return False
-            job = self._fetch_job(db, "study_uid = ?", (rec.study_instance_uid,))
-            if job is None:
-                db.execute(
-                    "INSERT INTO jobs(study_uid, state, source, instance_count, first_received_at, "
-                    "last_received_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (rec.study_instance_uid, JobState.RECEIVING, source, 1, now, now, now, now),
-                )
-                self._event(
-                    db, rec.study_instance_uid, None, JobState.RECEIVING, f"first instance from {source}"
-                )
-            elif job.state is JobState.RECEIVING:
-                db.execute(
-                    "UPDATE jobs SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ? "
-                    "WHERE id = ?",
-                    (now, now, job.id),
-                )
-            elif job.state in _FINAL:
-                # new source data after a result (or a skip/failure): a new revision is due
-                db.execute(
-                    "UPDATE jobs SET state = ?, instance_count = instance_count + 1, first_received_at = ?, "
-                    "last_received_at = ?, updated_at = ?, reason = NULL, attempts = 0, next_attempt_at = NULL "
-                    "WHERE id = ?",
-                    (JobState.RECEIVING, now, now, now, job.id),
-                )
-                self._event(
-                    db, job.study_instance_uid, job.state, JobState.RECEIVING, "new instance: re-opened"
-                )
-            else:
-                # the worker holds it: finish the current revision, then re-open
-                db.execute(
-                    "UPDATE jobs SET pending_update = 1, instance_count = instance_count + 1, "
-                    "last_received_at = ?, updated_at = ? WHERE id = ?",
-                    (now, now, job.id),
-                )
+            self._event(
+                db, rec.study_instance_uid, None, JobState.RECEIVING, f"first instance from {source}"
+            )
+        elif job.state is JobState.RECEIVING:
+            db.execute(
+                "UPDATE jobs SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ? "
+                "WHERE id = ?",
+                (now, now, job.id),
+            )
+        elif job.state in _FINAL:
+            # new source data after a result (or a skip/failure): a new revision is due
+            db.execute(
+                "UPDATE jobs SET state = ?, instance_count = instance_count + 1, first_received_at = ?, "
+                "last_received_at = ?, updated_at = ?, reason = NULL, attempts = 0, next_attempt_at = NULL "
+                "WHERE id = ?",
+                (JobState.RECEIVING, now, now, now, job.id),
+            )
+            self._event(
+                db, job.study_instance_uid, job.state, JobState.RECEIVING, "new instance: re-opened"
+            )
+        else:
+            # the worker holds it: finish the current revision, then re-open
+            db.execute(
+                "UPDATE jobs SET pending_update = 1, instance_count = instance_count + 1, "
+                "last_received_at = ?, updated_at = ? WHERE id = ?",
+                (now, now, job.id),
+            )
         return True
 
     def complete_due(

@@ -221,48 +221,61 @@ class PostgresJobStore:
     # ------------------------------------------------------------------ receiving
     def record_instance(self, rec: InstanceRecord, *, source: str = "dicom") -> bool:
         """Record a durably spooled instance; create or re-open its study's job (see the SQLite store)."""
+        return self.record_instances([rec], source=source)[0]
+
+    def record_instances(self, recs: Sequence[InstanceRecord], *, source: str = "dicom") -> list[bool]:
+        """:meth:`record_instance` for several instances in one transaction (group commit)."""
         now = time.time()
         with self._tx() as cur:
-            cur.execute("SELECT 1 FROM outputs WHERE sop_instance_uid = %s", (rec.sop_instance_uid,))
-            if cur.fetchone():
-                return False  # one of our own results routed back to us: never a new source
+            return [self._record_one(cur, rec, source, now) for rec in recs]
+
+    def instance_paths(self) -> set[str]:
+        """The spool paths of every recorded instance (for reconciling the spool after a crash)."""
+        with self._tx() as cur:
+            cur.execute("SELECT path FROM instances")
+            return {p for (p,) in cur.fetchall()}
+
+    def _record_one(self, cur: Cursor, rec: InstanceRecord, source: str, now: float) -> bool:
+        cur.execute("SELECT 1 FROM outputs WHERE sop_instance_uid = %s", (rec.sop_instance_uid,))
+        if cur.fetchone():
+            return False  # one of our own results routed back to us: never a new source
+        cur.execute(
+            "INSERT INTO instances VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (sop_instance_uid) DO NOTHING",
+            (rec.sop_instance_uid, rec.study_instance_uid, rec.series_instance_uid, rec.sop_class_uid,
+             rec.modality, rec.series_description, rec.path, rec.transfer_syntax_uid, rec.size,
+             rec.calling_ae, rec.received_at),
+        )
+        if cur.rowcount == 0:
+            return False
+        cur.execute(
+            "INSERT INTO jobs(study_uid, state, source, instance_count, first_received_at, last_received_at, "
+            "created_at, updated_at) VALUES (%s,%s,%s,1,%s,%s,%s,%s) ON CONFLICT (study_uid) DO NOTHING "
+            "RETURNING id",
+            (rec.study_instance_uid, JobState.RECEIVING, source, now, now, now, now),
+        )
+        if cur.fetchone() is not None:
+            self._event(cur, rec.study_instance_uid, None, JobState.RECEIVING, f"first instance from {source}")
+            return True
+        job = self._fetch_job(cur, "study_uid = %s", (rec.study_instance_uid,), lock=True)
+        assert job is not None
+        if job.state is JobState.RECEIVING:
             cur.execute(
-                "INSERT INTO instances VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                "ON CONFLICT (sop_instance_uid) DO NOTHING",
-                (rec.sop_instance_uid, rec.study_instance_uid, rec.series_instance_uid, rec.sop_class_uid,
-                 rec.modality, rec.series_description, rec.path, rec.transfer_syntax_uid, rec.size,
-                 rec.calling_ae, rec.received_at),
+                "UPDATE jobs SET instance_count = instance_count + 1, last_received_at = %s, updated_at = %s "
+                "WHERE id = %s", (now, now, job.id),
             )
-            if cur.rowcount == 0:
-                return False
+        elif job.state in _FINAL:
             cur.execute(
-                "INSERT INTO jobs(study_uid, state, source, instance_count, first_received_at, last_received_at, "
-                "created_at, updated_at) VALUES (%s,%s,%s,1,%s,%s,%s,%s) ON CONFLICT (study_uid) DO NOTHING "
-                "RETURNING id",
-                (rec.study_instance_uid, JobState.RECEIVING, source, now, now, now, now),
+                "UPDATE jobs SET state = %s, instance_count = instance_count + 1, first_received_at = %s, "
+                "last_received_at = %s, updated_at = %s, reason = NULL, attempts = 0, next_attempt_at = NULL "
+                "WHERE id = %s", (JobState.RECEIVING, now, now, now, job.id),
             )
-            if cur.fetchone() is not None:
-                self._event(cur, rec.study_instance_uid, None, JobState.RECEIVING, f"first instance from {source}")
-                return True
-            job = self._fetch_job(cur, "study_uid = %s", (rec.study_instance_uid,), lock=True)
-            assert job is not None
-            if job.state is JobState.RECEIVING:
-                cur.execute(
-                    "UPDATE jobs SET instance_count = instance_count + 1, last_received_at = %s, updated_at = %s "
-                    "WHERE id = %s", (now, now, job.id),
-                )
-            elif job.state in _FINAL:
-                cur.execute(
-                    "UPDATE jobs SET state = %s, instance_count = instance_count + 1, first_received_at = %s, "
-                    "last_received_at = %s, updated_at = %s, reason = NULL, attempts = 0, next_attempt_at = NULL "
-                    "WHERE id = %s", (JobState.RECEIVING, now, now, now, job.id),
-                )
-                self._event(cur, job.study_instance_uid, job.state, JobState.RECEIVING, "new instance: re-opened")
-            else:
-                cur.execute(
-                    "UPDATE jobs SET pending_update = TRUE, instance_count = instance_count + 1, "
-                    "last_received_at = %s, updated_at = %s WHERE id = %s", (now, now, job.id),
-                )
+            self._event(cur, job.study_instance_uid, job.state, JobState.RECEIVING, "new instance: re-opened")
+        else:
+            cur.execute(
+                "UPDATE jobs SET pending_update = TRUE, instance_count = instance_count + 1, "
+                "last_received_at = %s, updated_at = %s WHERE id = %s", (now, now, job.id),
+            )
         return True
 
     def complete_due(

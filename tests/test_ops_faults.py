@@ -121,6 +121,7 @@ def test_low_disk_refuses_instances_then_associations_before_the_disk_is_full(tm
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         assert n.receiver.gate.stats.snapshot() == {"low_disk": 1}
         # what was acknowledged is intact; nothing half-written is left behind
+        assert n.receiver.flush(), "acknowledged instances recorded"
         recs = n.store.instances(study)
         assert len(recs) == stored and all(pydicom.dcmread(r.path).Rows == 724 for r in recs)
         assert list((cfg.spool_dir / ".incoming").iterdir()) == []
@@ -171,6 +172,7 @@ def test_sixteen_concurrent_associations_store_every_instance_exactly_once(tmp_p
             for k in range(50):
                 assert dup.send_c_store(pydicom.dcmread(base / "scu00" / f"{k:03d}.dcm")).Status == 0x0000
             dup.release()
+            assert n.receiver.flush(), "acknowledged instances recorded"
             recs = [r for st, _ in studies for r in n.store.instances(st)]
             assert len(sent) == len(set(sent)) == n_assoc * per_assoc
             assert sorted(r.sop_instance_uid for r in recs) == sorted(sent), "every instance stored once"
@@ -232,6 +234,7 @@ def test_fuzzed_dicom_never_crashes_the_listener_nor_loses_what_was_stored(tmp_p
             good = _associate(port, [MRImageStorage])
             assert good.send_c_store(base).Status == 0x0000
             good.release()
+            assert n.receiver.flush(), "acknowledged instances recorded"
             stored = n.store.instances(base_study)[0]
             stored_bytes = Path(stored.path).read_bytes()
             n_sent = 0
@@ -266,6 +269,7 @@ def test_fuzzed_dicom_never_crashes_the_listener_nor_loses_what_was_stored(tmp_p
             assert check.is_established and check.send_c_echo().Status == 0x0000
             check.release()
             assert Path(stored.path).read_bytes() == stored_bytes, "an already received instance was changed"
+            assert n.receiver.flush(), "acknowledged instances recorded"
             assert n.store.instances(base_study)[0] == stored
             after = _associate(port, [MRImageStorage])
             assert after.send_c_store(_instance(generate_uid(), generate_uid())).Status == 0x0000
@@ -307,6 +311,7 @@ def test_retention_deletes_files_of_finished_studies_only(tmp_path: Path) -> Non
             assert storescu(n.receiver.port, list(st.paths)).returncode == 0
             _drive(n, st.study_instance_uid, JobState.DONE if st is done else JobState.FAILED, out_file)
         assert storescu(n.receiver.port, list(receiving.paths)).returncode == 0
+        assert n.receiver.flush(), "acknowledged instances recorded"
         spool = {st.study_instance_uid: [Path(r.path) for r in n.store.instances(st.study_instance_uid)]
                  for st in mr.values()}
         deadline = time.monotonic() + 10  # the periodic task in the receiving process does it
@@ -321,6 +326,7 @@ def test_retention_deletes_files_of_finished_studies_only(tmp_path: Path) -> Non
         task = RetentionTask(cfg, n.store, n.receiver.audit)
         assert task.run_once(now=time.time() + 3601) == (0, 1)
         assert not out_file.exists()
+        assert n.receiver.flush(), "acknowledged instances recorded"
         n.receiver.audit.flush()
         assert '"event":"retention_deleted"' in cfg.audit_path.read_text()
 

@@ -125,6 +125,7 @@ def _echo(port: int, *, calling: str = "PYSCU", tls: tuple[ssl.SSLContext, str] 
 
 
 def _audit(node: ReceivingNode) -> list[dict[str, Any]]:
+    assert node.receiver.flush(), "acknowledged instances recorded"
     node.receiver.audit.flush()
     path = node.config.audit_path
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -154,6 +155,7 @@ def test_tls_association_accepted_with_the_right_certificate(tls_node: Receiving
     statuses = [assoc.send_c_store(p).Status for p in study.paths]
     assoc.release()
     assert statuses == [0x0000] * len(study.paths)
+    assert tls_node.receiver.flush(), "acknowledged instances recorded"
     assert len(tls_node.store.instances(study.study_instance_uid)) == len(study.paths)
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import free_port, require_tool, storescu
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import load_config
@@ -51,6 +51,7 @@ def test_storescu_study_is_spooled_as_received(node: ReceivingNode, tmp_path: Pa
     study = make_lumbar_mr(tmp_path / "mr", slices=5, size=64)
     res = storescu(node.receiver.port, list(study.paths))
     assert res.returncode == 0, res.stderr
+    assert node.receiver.flush(), "acknowledged instances recorded"
     records = node.store.instances(study.study_instance_uid)
     assert len(records) == len(study.paths)
     for src in study.paths:
@@ -90,6 +91,7 @@ def test_compressed_and_odd_encodings_stored_as_received(node: ReceivingNode, na
     status = assoc.send_c_store(src)  # sent from the file: the encoded bytes as they are
     assoc.release()
     assert status.Status == 0x0000
+    assert node.receiver.flush(), "acknowledged instances recorded"
     rec = next(
         r for r in node.store.instances(ds.StudyInstanceUID) if r.sop_instance_uid == ds.SOPInstanceUID
     )
@@ -157,6 +159,7 @@ def test_many_concurrent_associations(node: ReceivingNode, tmp_path: Path) -> No
     for t in threads:
         t.join()
     assert not errors
+    assert node.receiver.flush(), "acknowledged instances recorded"
     assert len(node.store.instances(study.study_instance_uid)) == 8 * len(datasets)
     assert node.receiver.stats.stored == 8 * len(datasets)
 
@@ -164,22 +167,17 @@ def test_many_concurrent_associations(node: ReceivingNode, tmp_path: Path) -> No
 def test_tcp_nodelay_on_both_ends(node: ReceivingNode, tmp_path: Path) -> None:
     from dicom_node.net import nodelay_handlers
 
-    seen: list[int] = []
-
-    def on_open(event: evt.Event) -> None:
-        sock = event.assoc.dul.socket.socket
-        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-
-    node.receiver._server.bind(evt.EVT_ACCEPTED, on_open)  # type: ignore[union-attr]
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate(
         "127.0.0.1", node.receiver.port, ae_title="SPINEMED", evt_handlers=nodelay_handlers()
     )
     assert assoc.is_established
+    # the listener's side of this association, while it is open
+    server = [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in node.receiver.listener.active_sockets()]
     client = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # type: ignore[union-attr]
     assoc.release()
-    assert seen == [1] and client == 1
+    assert server == [1] and client == 1
 
 
 def test_broken_data_refused_and_nothing_lost(node: ReceivingNode, tmp_path: Path) -> None:
@@ -210,6 +208,7 @@ def test_broken_data_refused_and_nothing_lost(node: ReceivingNode, tmp_path: Pat
     assoc.release()
     assert bad is not None and bad.Status != 0 and (bad.Status >> 12) in (0xA, 0xC)
     assert ok_after.Status == 0
+    assert node.receiver.flush(), "acknowledged instances recorded"
     recs = node.store.instances(mismatch.StudyInstanceUID)
     assert [r.sop_instance_uid for r in recs] == [mismatch.SOPInstanceUID]
     assert Path(recs[0].path).read_bytes()[128:132] == b"DICM"
