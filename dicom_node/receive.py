@@ -11,13 +11,13 @@ protocol side is :mod:`dicom_node.listener`.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 
 from dicom_node.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Rejection
@@ -25,6 +25,7 @@ from dicom_node.access import AssociationGate
 from dicom_node.audit import open_audit
 from dicom_node.config import NodeConfig
 from dicom_node.errors import SpoolError
+from dicom_node.header import HeaderFields, scan_header
 from dicom_node.indexer import InstanceIndexer, reconcile
 from dicom_node.listener import AssociationInfo, DatasetSink, Listener, ListenerSettings, StoreRequest
 from dicom_node.log import get_logger, phi_hash
@@ -71,14 +72,27 @@ class _Discard:
         pass
 
 
+def _meta_length(head: bytes | bytearray) -> int:
+    """Bytes taken by the preamble and the File Meta Information we wrote (its group length is at 140)."""
+    return 144 + int(struct.unpack_from("<I", head, 140)[0])
+
+
 def _past_series_uid(tag: int, vr: str | None, length: int) -> bool:
     return tag > 0x0020000E
 
 
-def _read_header(path: Path) -> Dataset:
-    """The received data set up to Series Instance UID (all the listener needs; the rest is read later)."""
+def _read_header(path: Path) -> HeaderFields:
+    """The listener's attributes read by pydicom, up to Series Instance UID (the rest is read later)."""
     with path.open("rb") as fp:
-        return read_partial(fp, stop_when=_past_series_uid)
+        ds = read_partial(fp, stop_when=_past_series_uid)
+    return HeaderFields(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        modality=str(ds.get("Modality", "") or ""),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+    )
 
 
 class Receiver:
@@ -174,14 +188,16 @@ class Receiver:
             log.error("instance refused: spool disk below min_free_disk_mb or not writable", calling_ae=calling)
             return self._refuse(STATUS_OUT_OF_RESOURCES), "not read (refused before its data set)"
         sink.start_sync(self._sync_pool)  # the fsync runs while the header is checked
+        fields = scan_header(bytes(sink.head[_meta_length(sink.head) :]), request.transfer_syntax)
         try:
-            ds = _read_header(sink.path)
-            sop_uid = str(ds.SOPInstanceUID)
-            sop_class = str(ds.SOPClassUID)
-            study_uid = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            modality = str(ds.get("Modality", "") or "")
-            series_desc = str(ds.get("SeriesDescription", "") or "")
+            if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it
+                fields = _read_header(sink.path)
+            sop_uid = fields.sop_instance_uid
+            sop_class = fields.sop_class_uid
+            study_uid = fields.study_instance_uid
+            series_uid = fields.series_instance_uid
+            modality = fields.modality
+            series_desc = fields.series_description
         except Exception as exc:  # peer data: any decoding failure is refused with 0xC000, never raised
             log.warning(
                 "instance refused: cannot decode dataset",

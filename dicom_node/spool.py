@@ -162,9 +162,14 @@ def _fsync_dir(path: Path) -> None:
 class SpoolFile:
     """An instance being received into ``.incoming/``: written as it arrives, synced on commit."""
 
+    #: how many leading bytes :attr:`head` keeps (enough for the attributes before the pixel data)
+    HEAD_BYTES = 64 * 1024
+
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.size = 0
+        #: the first :attr:`HEAD_BYTES` written, kept in memory for checking the header
+        self.head = bytearray()
         self._fd: int | None = fd
         self._sync: Future[None] | None = None
 
@@ -185,6 +190,8 @@ class SpoolFile:
         if self._fd is None:
             raise SpoolError(f"{self.path.name}: already closed")
         view = memoryview(data)
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += view[: self.HEAD_BYTES - len(self.head)]
         try:
             while view:
                 n = os.write(self._fd, view)
