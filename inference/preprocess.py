@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -646,16 +646,22 @@ def _read_volume(run: Sequence[tuple[float, Instance]]) -> Any:
     return vol
 
 
+#: Rows ``j0..j1`` (inclusive) of slice ``k`` of a stack: (j1 - j0 + 1) × columns values.
+RowReader = Callable[[int, int, int], npt.NDArray[Any]]
+
+
 @dataclass(frozen=True)
 class _Stack:
-    """A CT stack of slices: values (slices × rows × columns) and, per slice, the rescale to HU.
+    """A CT stack of slices (slices × rows × columns) with, per slice, the rescale to HU.
 
-    ``values`` are the stored values (read straight from uncompressed files) or already HU (from the
-    SimpleITK reader: slope 1, intercept 0).  Voxel index (i, j, k) = (column, row, slice) lies at
-    ``origin + direction @ (spacing * (i, j, k))`` in patient LPS mm, SimpleITK's convention.
+    ``read_rows`` gives a slice's values: stored values read from uncompressed files when asked for (the
+    stack is never held whole), or already HU from a volume SimpleITK read (slope 1, intercept 0).
+    Voxel index (i, j, k) = (column, row, slice) lies at ``origin + direction @ (spacing * (i, j, k))``
+    in patient LPS mm, SimpleITK's convention.
     """
 
-    values: npt.NDArray[Any]
+    shape: tuple[int, int, int]  # (slices, rows, columns)
+    read_rows: RowReader
     slope: npt.NDArray[np.float64]
     intercept: npt.NDArray[np.float64]
     origin: npt.NDArray[np.float64]
@@ -665,7 +671,7 @@ class _Stack:
     @property
     def size(self) -> tuple[int, int, int]:
         """(columns, rows, slices): SimpleITK's (i, j, k) order."""
-        nz, ny, nx = self.values.shape
+        nz, ny, nx = self.shape
         return nx, ny, nz
 
     def to_point(self, index: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -682,7 +688,7 @@ class _Stack:
 
     def above(self, k: int, hu: float, columns: slice) -> npt.NDArray[np.bool_]:
         """Mask of slice ``k`` (restricted to ``columns``) where the value in HU exceeds ``hu``."""
-        v = self.values[k, :, columns]
+        v = self.read_rows(k, 0, self.shape[1] - 1)[:, columns]
         m, b = float(self.slope[k]), float(self.intercept[k])
         if m == 0.0:
             return np.full(v.shape, b > hu)
@@ -700,7 +706,9 @@ class _Stack:
 
     def hu(self, lo: Sequence[int], hi: Sequence[int]) -> npt.NDArray[np.float32]:
         """The block of voxels lo..hi (inclusive (i, j, k) indices) in HU, float32, index order (k, j, i)."""
-        block = self.values[lo[2] : hi[2] + 1, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1].astype(np.float64)
+        block = np.stack(
+            [self.read_rows(k, lo[1], hi[1])[:, lo[0] : hi[0] + 1] for k in range(lo[2], hi[2] + 1)]
+        ).astype(np.float64)
         block *= self.slope[lo[2] : hi[2] + 1, None, None]
         block += self.intercept[lo[2] : hi[2] + 1, None, None]
         return block.astype(np.float32)
@@ -712,8 +720,14 @@ def _stack_from_image(vol: Any) -> _Stack:
 
     values = sitk.GetArrayFromImage(vol)
     n = values.shape[0]
+
+    def read_rows(k: int, j0: int, j1: int) -> npt.NDArray[Any]:
+        rows: npt.NDArray[Any] = values[k, j0 : j1 + 1]
+        return rows
+
     return _Stack(
-        values=values,
+        shape=(int(values.shape[0]), int(values.shape[1]), int(values.shape[2])),
+        read_rows=read_rows,
         slope=np.ones(n),
         intercept=np.zeros(n),
         origin=np.asarray(vol.GetOrigin(), dtype=np.float64),
@@ -829,27 +843,28 @@ def _read_stack_fast(study: Study, run: Sequence[tuple[float, Instance]]) -> _St
     direction = np.column_stack([row_dir, col_dir, step / dz])
     if abs(float(np.linalg.det(direction))) < 1e-3:
         return None
-    dtype = np.dtype("<u2" if representation == 0 else "<i2")
-    values = np.empty((len(instances), rows, cols), dtype=dtype)
     n_bytes = rows * cols * 2
     implicit = _NATIVE_SYNTAXES[str(syntax_uid)]
-    length = n_bytes.to_bytes(4, "little")
-    for k, inst in enumerate(instances):
-        if not _read_native_pixels(inst.path, values[k], implicit, length):
+    offsets: list[int] = []
+    for inst in instances:
+        offset = _native_pixel_offset(inst.path, n_bytes, implicit)
+        if offset is None:
             _log.info(
                 "CT: pixel data of instance %s not at the end of its file; SimpleITK reads the stack",
                 inst.sop_instance_uid,
             )
             return None
-    if stored < 16:  # only the stored bits are the value (PS3.5 8.1.1)
-        if representation == 0:
-            np.bitwise_and(values, np.uint16((1 << stored) - 1), out=values)
-        else:
-            shift = np.int16(16 - stored)
-            np.left_shift(values, shift, out=values)
-            np.right_shift(values, shift, out=values)
+        offsets.append(offset)
+    slices = _NativeSlices(
+        paths=tuple(inst.path for inst in instances),
+        offsets=tuple(offsets),
+        columns=cols,
+        dtype=np.dtype("<u2" if representation == 0 else "<i2"),
+        bits_stored=stored,
+    )
     return _Stack(
-        values=values,
+        shape=(len(instances), rows, cols),
+        read_rows=slices.read_rows,
         slope=slope,
         intercept=intercept,
         origin=np.asarray(first, dtype=np.float64),
@@ -858,28 +873,54 @@ def _read_stack_fast(study: Study, run: Sequence[tuple[float, Instance]]) -> _St
     )
 
 
-def _read_native_pixels(path: Path, out: npt.NDArray[Any], implicit: bool, length: bytes) -> bool:
-    """Read the Pixel Data element that ends the file into ``out``; False if the file does not end with it."""
-    n_bytes = out.nbytes
+def _native_pixel_offset(path: Path, n_bytes: int, implicit: bool) -> int | None:
+    """File offset of the pixel values when a Pixel Data element of ``n_bytes`` ends the file, else None."""
     head = 8 if implicit else 12
+    length = n_bytes.to_bytes(4, "little")
+    expected = (
+        [_PIXEL_DATA_TAG + length]
+        if implicit
+        else [_PIXEL_DATA_TAG + vr + b"\x00\x00" + length for vr in (b"OW", b"OB")]
+    )
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            start = size - n_bytes - head
+            start = os.fstat(f.fileno()).st_size - n_bytes - head
             if start < 132:
-                return False
+                return None
             f.seek(start)
-            tag = f.read(head)
-            expected = (
-                [_PIXEL_DATA_TAG + length]
-                if implicit
-                else [_PIXEL_DATA_TAG + vr + b"\x00\x00" + length for vr in (b"OW", b"OB")]
-            )
-            if tag not in expected:
-                return False
-            return f.readinto(memoryview(out).cast("B")) == n_bytes  # type: ignore[arg-type]
+            return start + head if f.read(head) in expected else None
     except OSError:
-        return False
+        return None
+
+
+@dataclass(frozen=True)
+class _NativeSlices:
+    """Reads rows of uncompressed 16-bit slices from their files (the page cache holds what was received)."""
+
+    paths: tuple[Path, ...]
+    offsets: tuple[int, ...]
+    columns: int
+    dtype: np.dtype[Any]
+    bits_stored: int
+
+    def read_rows(self, k: int, j0: int, j1: int) -> npt.NDArray[Any]:
+        out = np.empty((j1 - j0 + 1, self.columns), dtype=self.dtype)
+        try:
+            with open(self.paths[k], "rb") as f:
+                f.seek(self.offsets[k] + j0 * self.columns * 2)
+                complete = f.readinto(memoryview(out).cast("B")) == out.nbytes  # type: ignore[arg-type]
+        except OSError as exc:
+            raise UnusableStudyError(f"CT slice {self.paths[k].name}: unreadable ({exc})") from exc
+        if not complete:
+            raise UnusableStudyError(f"CT slice {self.paths[k].name}: pixel data cut short")
+        if self.bits_stored < 16:  # only the stored bits are the value (PS3.5 8.1.1)
+            shift = 16 - self.bits_stored
+            if self.dtype.kind == "u":
+                np.bitwise_and(out, np.uint16((1 << self.bits_stored) - 1), out=out)
+            else:
+                np.left_shift(out, np.int16(shift), out=out)
+                np.right_shift(out, np.int16(shift), out=out)
+        return out
 
 
 def _slice_step(run: Sequence[tuple[float, Instance]]) -> npt.NDArray[np.float64] | None:
@@ -906,7 +947,7 @@ def _read_stack(study: Study, run: Sequence[tuple[float, Instance]]) -> _Stack:
         return stack
     stack = _stack_from_image(_read_volume(run))
     step = _slice_step(run)
-    if step is None or len(run) != stack.values.shape[0]:
+    if step is None or len(run) != stack.shape[0]:
         return stack
     dz = float(np.linalg.norm(step))
     direction = stack.direction.copy()
@@ -926,9 +967,10 @@ def _spine_centre(stack: _Stack) -> npt.NDArray[np.float64]:
     nx, ny, nz = stack.size
     centre = [(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2]
     x0 = nx // 4 if nx >= 8 else 0
-    counts = np.zeros(nx - 2 * x0, dtype=np.int64)  # bone voxels per column (central half)
+    bone = np.zeros((ny, nx), dtype=np.int32)  # bone voxels over all slices, per (row, column): one pass
     for k in range(nz):
-        counts += np.count_nonzero(stack.above(k, 150.0, slice(x0, nx - x0)), axis=0)
+        bone += stack.above(k, 150.0, slice(None))
+    counts = bone[:, x0 : nx - x0].sum(axis=0, dtype=np.int64)  # per column of the central half
     total = int(counts.sum())
     if total >= 50:
         cumulative = np.cumsum(counts)
@@ -941,9 +983,7 @@ def _spine_centre(stack: _Stack) -> npt.NDArray[np.float64]:
         sx = float(stack.spacing[0])
         half = max(1, round(8.0 / sx))  # a 16 mm strip around the mid-sagittal column
         i0, i1 = max(0, round(centre[0]) - half), min(nx, round(centre[0]) + half + 1)
-        profile = np.zeros(ny)
-        for k in range(nz):
-            profile += np.count_nonzero(stack.above(k, 150.0, slice(i0, i1)), axis=1)
+        profile = bone[:, i0:i1].sum(axis=1).astype(float)
         width = max(1, round(10.0 / float(stack.spacing[1])))
         smooth = np.convolve(profile, np.ones(width) / width, mode="same")
         if smooth.max() > 0:
