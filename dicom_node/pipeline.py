@@ -9,6 +9,7 @@ same :class:`Pipeline` on files, without network or job store.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.config import NodeConfig
+from dicom_node.log import get_logger
 from dicom_node.rules import Selection, select_series
 from inference.study import Study
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from sr_templates import OutputOptions
 
 __all__ = ["Outcome", "Pipeline", "output_kind"]
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -84,6 +88,31 @@ class Pipeline:
             key_image=o.key_image,
             uid_prefix=o.uid_prefix,
         )
+
+    def warm_up(self) -> float:
+        """Pay the one-time costs of the stages before the first study (as the model load is): import the
+        preprocessing and report code (SimpleITK, pydicom's pixel handlers, highdicom) and load the tables
+        highdicom reads on first use.  Returns the seconds it took.
+        """
+        import importlib
+
+        t0 = time.perf_counter()
+        for name in ("inference.preprocess", "sr_templates", "SimpleITK", "pydicom.pixels.processing", "PIL.Image"):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the stage that needs it reports it
+                log.warning("warm-up: module not importable", module=name)
+        try:  # highdicom's IOD / module tables (parsed JSON, cached by highdicom on first use: ~0.4 s)
+            standard = importlib.import_module("highdicom._standard_utils")
+            for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+                getattr(standard, loader)()
+        except (ImportError, AttributeError, OSError, ValueError):
+            pass  # a highdicom without these private helpers: it loads them on first use instead
+        # what is loaded now lives as long as the worker: keep the garbage collector from walking its
+        # millions of objects (highdicom's tables) again in a full collection during the first studies
+        gc.collect()
+        gc.freeze()
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ stages
     def select(self, study: Study) -> Selection:

@@ -14,10 +14,12 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.audit import open_audit
 from dicom_node.config import NodeConfig
@@ -30,9 +32,75 @@ from dicom_node.store import Job, JobState, JobStore, OutputRecord
 from inference.errors import InferenceError
 from inference.study import StudyError, load_study
 
-__all__ = ["Worker", "write_dataset_atomic"]
+__all__ = ["HeaderCache", "Worker", "write_dataset_atomic"]
 
 log = get_logger(__name__)
+
+
+class HeaderCache:
+    """Headers of the instances of studies still arriving, read while the worker is idle.
+
+    By the time a study is complete most of its headers are already read, so the analysis starts without
+    reading them (a 300-slice CT: about 0.3 s).  An entry is used only while its file keeps the size and
+    modification time it had when read (the spool never rewrites a file); entries of studies that are no
+    longer arriving or complete are dropped.
+    """
+
+    def __init__(self, max_entries: int = 20000) -> None:
+        self.max_entries = max_entries
+        self._headers: dict[str, tuple[int, int, Dataset]] = {}  # path → (size, mtime_ns, header)
+        self._read: dict[str, int] = {}  # study UID → instances read for it
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def prefetch(self, store: JobStore, budget_s: float) -> bool:
+        """Read headers of arriving studies for about ``budget_s`` (at least one header); True if there is
+        more to read."""
+        deadline = time.monotonic() + budget_s
+        done = 0
+        jobs = store.jobs([JobState.RECEIVING, JobState.COMPLETE])
+        wanted = {j.study_instance_uid for j in jobs}
+        for uid in [u for u in self._read if u not in wanted]:  # claimed, failed or gone: forget it
+            self._forget(uid, store)
+        for job in jobs:
+            uid = job.study_instance_uid
+            if self._read.get(uid, 0) >= job.instance_count:
+                continue
+            for rec in store.instances(uid):
+                if rec.path in self._headers:
+                    continue
+                if len(self._headers) >= self.max_entries or (done and time.monotonic() > deadline):
+                    return len(self._headers) < self.max_entries
+                try:
+                    st = os.stat(rec.path)
+                    ds = pydicom.dcmread(rec.path, stop_before_pixels=True)
+                except (OSError, ValueError, TypeError, EOFError, InvalidDicomError):
+                    continue  # load_study reads (or skips) it in its turn
+                done += 1
+                self._headers[rec.path] = (st.st_size, st.st_mtime_ns, ds)
+                self._read[uid] = self._read.get(uid, 0) + 1
+        return False
+
+    def take(self, paths: Sequence[str]) -> dict[Path, Dataset]:
+        """The still valid headers of ``paths``, removed from the cache."""
+        out: dict[Path, Dataset] = {}
+        for path in paths:
+            entry = self._headers.pop(path, None)
+            if entry is None:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == entry[:2]:
+                out[Path(path)] = entry[2]
+        return out
+
+    def _forget(self, study_uid: str, store: JobStore) -> None:
+        self._read.pop(study_uid, None)
+        for rec in store.instances(study_uid):
+            self._headers.pop(rec.path, None)
 
 
 def write_dataset_atomic(ds: Dataset, path: Path) -> None:
@@ -70,6 +138,7 @@ class Worker:
         # operations: audit trail of deliveries, heartbeat file read by /health/ready
         self.audit = open_audit(config)
         self.heartbeat = HeartbeatWriter(heartbeat_path(config.node.data_dir))
+        self.headers = HeaderCache()
 
     # ------------------------------------------------------------------ lifecycle
     def reclaim_dead_leases(self) -> int:
@@ -94,11 +163,15 @@ class Worker:
         self.heartbeat.start()
         try:
             _ = self.pipeline.model  # load once, before the first job
+            warm = self.pipeline.warm_up()  # and the stages' one-time costs (imports, tables)
             ident = self.pipeline.model.identity
             self.heartbeat.ready(ident.name, ident.version, ident.demo)
-            log.info("worker ready", model=ident.name)
+            log.info("worker ready", model=ident.name, warm_up_s=round(warm, 3))
             while not self._stop.is_set():
-                if not self.run_once():
+                if self.run_once():
+                    continue
+                # idle: read the headers of studies still arriving, in short turns between claims
+                if not self._prefetch():
                     self._stop.wait(self.config.worker.poll_interval_s)
         finally:
             self.heartbeat.stop()
@@ -120,6 +193,13 @@ class Worker:
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
         return True
 
+    def _prefetch(self) -> bool:
+        try:
+            return self.headers.prefetch(self.store, budget_s=0.05)
+        except Exception:  # an optimisation only: never let it stop the worker
+            log.exception("header prefetch failed")
+            return False
+
     def _fail(self, job: Job, reason: str) -> None:
         current = self.store.get(job.id)
         if current.lease_owner == self.owner:
@@ -130,7 +210,8 @@ class Worker:
         self.store.transition(job.id, self.owner, JobState.INFERRING)
         records = self.store.instances(job.study_instance_uid)
         try:
-            study = load_study([r.path for r in records], study_instance_uid=job.study_instance_uid)
+            paths = [r.path for r in records]
+            study = load_study(paths, study_instance_uid=job.study_instance_uid, known_headers=self.headers.take(paths))
         except StudyError as exc:
             return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}")
         revision = job.revision + 1

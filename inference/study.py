@@ -141,7 +141,12 @@ def _expand(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return out
 
 
-def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: str | None = None) -> Study:
+def load_study(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    study_instance_uid: str | None = None,
+    known_headers: Mapping[Path, pydicom.Dataset] | None = None,
+) -> Study:
     """Read the headers of ``paths`` (files or folders) and group them into one :class:`Study`.
 
     Parameters
@@ -150,6 +155,9 @@ def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: s
         DICOM files, or folders searched recursively.  Files that are not DICOM are ignored.
     study_instance_uid
         Keep only instances of this study.  Without it, all files must belong to one study.
+    known_headers
+        Headers already read (``dcmread(path, stop_before_pixels=True)``) by file path: used instead of
+        reading those files again (the worker reads them while a study is still arriving).
 
     Raises
     ------
@@ -157,11 +165,14 @@ def load_study(paths: Sequence[str | os.PathLike[str]], *, study_instance_uid: s
         No DICOM instance found, or instances of several studies without ``study_instance_uid``.
     """
     headers: list[tuple[Path, pydicom.Dataset]] = []
+    known = known_headers or {}
     for path in _expand(paths):
-        try:
-            ds: pydicom.Dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
-            continue
+        ds: pydicom.Dataset | None = known.get(path)
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
+                continue
         if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
             continue
         if study_instance_uid is not None and ds.StudyInstanceUID != study_instance_uid:
