@@ -30,7 +30,7 @@ from dicom_node.pipeline import Pipeline, output_kind
 from dicom_node.spool import study_key
 from dicom_node.store import Job, JobState, JobStore, OutputRecord
 from inference.errors import InferenceError
-from inference.study import StudyError, load_study
+from inference.study import StudyError, load_study, read_header
 
 __all__ = ["HeaderCache", "Worker", "write_dataset_atomic"]
 
@@ -74,7 +74,7 @@ class HeaderCache:
                     return len(self._headers) < self.max_entries
                 try:
                     st = os.stat(rec.path)
-                    ds = pydicom.dcmread(rec.path, stop_before_pixels=True)
+                    ds = read_header(rec.path)
                 except (OSError, ValueError, TypeError, EOFError, InvalidDicomError):
                     continue  # load_study reads (or skips) it in its turn
                 done += 1
@@ -195,7 +195,7 @@ class Worker:
 
     def _prefetch(self) -> bool:
         try:
-            return self.headers.prefetch(self.store, budget_s=0.05)
+            return self.headers.prefetch(self.store, budget_s=0.02)
         except Exception:  # an optimisation only: never let it stop the worker
             log.exception("header prefetch failed")
             return False

@@ -704,14 +704,27 @@ class _Stack:
         mask = v > t if m > 0 else v < t
         return mask
 
-    def hu(self, lo: Sequence[int], hi: Sequence[int]) -> npt.NDArray[np.float32]:
-        """The block of voxels lo..hi (inclusive (i, j, k) indices) in HU, float32, index order (k, j, i)."""
-        block = np.stack(
-            [self.read_rows(k, lo[1], hi[1])[:, lo[0] : hi[0] + 1] for k in range(lo[2], hi[2] + 1)]
-        ).astype(np.float64)
-        block *= self.slope[lo[2] : hi[2] + 1, None, None]
-        block += self.intercept[lo[2] : hi[2] + 1, None, None]
-        return block.astype(np.float32)
+    def blocks(self, boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[npt.NDArray[np.float32]]:
+        """The blocks of voxels lo..hi (inclusive (i, j, k) indices) in HU, float32, index order (k, j, i);
+        each slice is read once for all of them."""
+        if not boxes:
+            return []
+        k0, k1 = min(lo[2] for lo, _ in boxes), max(hi[2] for _, hi in boxes)
+        j0, j1 = min(lo[1] for lo, _ in boxes), max(hi[1] for _, hi in boxes)
+        parts: list[list[npt.NDArray[Any]]] = [[] for _ in boxes]
+        for k in range(k0, k1 + 1):
+            rows = self.read_rows(k, j0, j1)
+            for part, (lo, hi) in zip(parts, boxes, strict=True):
+                if lo[2] <= k <= hi[2]:
+                    # a copy: a view would keep every slice read alive
+                    part.append(rows[lo[1] - j0 : hi[1] - j0 + 1, lo[0] : hi[0] + 1].copy())
+        out = []
+        for part, (lo, hi) in zip(parts, boxes, strict=True):
+            block = np.stack(part).astype(np.float64)
+            block *= self.slope[lo[2] : hi[2] + 1, None, None]
+            block += self.intercept[lo[2] : hi[2] + 1, None, None]
+            out.append(block.astype(np.float32))
+        return out
 
 
 def _stack_from_image(vol: Any) -> _Stack:
@@ -906,9 +919,12 @@ class _NativeSlices:
     def read_rows(self, k: int, j0: int, j1: int) -> npt.NDArray[Any]:
         out = np.empty((j1 - j0 + 1, self.columns), dtype=self.dtype)
         try:
-            with open(self.paths[k], "rb") as f:
-                f.seek(self.offsets[k] + j0 * self.columns * 2)
-                complete = f.readinto(memoryview(out).cast("B")) == out.nbytes  # type: ignore[arg-type]
+            fd = os.open(self.paths[k], os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [memoryview(out).cast("B")], self.offsets[k] + j0 * self.columns * 2)  # type: ignore[arg-type]
+            finally:
+                os.close(fd)
+            complete = got == out.nbytes
         except OSError as exc:
             raise UnusableStudyError(f"CT slice {self.paths[k].name}: unreadable ({exc})") from exc
         if not complete:
@@ -997,13 +1013,12 @@ def _spine_centre(stack: _Stack) -> npt.NDArray[np.float64]:
     return stack.to_point(centre)
 
 
-def _reformat(
+def _plane_grid(
     stack: _Stack, centre: npt.NDArray[np.float64], plane: ImagePlane, image_size: int
-) -> tuple[npt.NDArray[np.uint8], tuple[float, ...]]:
-    """Resample an isotropic plane through ``centre``; columns A→P (sagittal) or R→L (coronal), rows H→F.
-
-    Only the block of voxels around the plane is converted to HU and handed to SimpleITK: linear
-    interpolation reads nothing else, so the plane is the one resampled from the whole volume.
+) -> tuple[Any, npt.NDArray[np.float64], tuple[int, ...], tuple[int, ...]]:
+    """The isotropic plane through ``centre`` as a SimpleITK reference image (columns A→P for sagittal,
+    R→L for coronal; rows H→F), its 3×4 model-pixel → patient affine, and the inclusive (i, j, k) index box
+    of the voxels its samples interpolate from (its corners' indices, one voxel of margin).
     """
     sitk = _sitk()
 
@@ -1022,28 +1037,52 @@ def _reformat(
     origin = centre.copy()
     origin[axis] = (lo[axis] + hi[axis]) / 2 - spacing * (cols - 1) / 2
     origin[2] = (lo[2] + hi[2]) / 2 + spacing * (rows - 1) / 2
-    # the voxels the plane's samples interpolate from: its corners' indices, one voxel of margin
+    ref = sitk.Image(int(cols), int(rows), 1, sitk.sitkFloat32)
+    ref.SetSpacing((spacing, spacing, spacing))
+    ref.SetOrigin(tuple(float(v) for v in origin))
+    ref.SetDirection(tuple(np.column_stack([col_dir, row_dir, normal]).ravel()))
+    affine = np.column_stack([col_dir * spacing, row_dir * spacing, normal * spacing, origin])
     plane_corners = [
         origin + col_dir * spacing * c + row_dir * spacing * r for c in (0, cols - 1) for r in (0, rows - 1)
     ]
     idx = stack.to_index(plane_corners)
     top = np.asarray(stack.size) - 1
-    first = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, top)
-    last = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 1, 0, top)
-    block = sitk.GetImageFromArray(stack.hu(first, last))
-    block.SetOrigin(tuple(float(v) for v in stack.to_point(first)))
-    block.SetSpacing(tuple(float(v) for v in stack.spacing))
-    block.SetDirection(tuple(float(v) for v in stack.direction.ravel()))
-    ref = sitk.Image(int(cols), int(rows), 1, sitk.sitkFloat32)
-    ref.SetSpacing((spacing, spacing, spacing))
-    ref.SetOrigin(tuple(float(v) for v in origin))
-    ref.SetDirection(tuple(np.column_stack([col_dir, row_dir, normal]).ravel()))
-    plane_img = sitk.Resample(block, ref, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
-    hu = sitk.GetArrayFromImage(plane_img)[0]
-    level, width = BONE_WINDOW
-    pixels = _to_uint8(hu, level - width / 2, level + width / 2)
-    affine = np.column_stack([col_dir * spacing, row_dir * spacing, normal * spacing, origin])
-    return pixels, tuple(float(v) for v in affine.ravel())
+    first = tuple(int(v) for v in np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, top))
+    last = tuple(int(v) for v in np.clip(np.ceil(idx.max(axis=0)).astype(int) + 1, 0, top))
+    return ref, affine, first, last
+
+
+def _reformats(
+    stack: _Stack, centre: npt.NDArray[np.float64], planes: Sequence[ImagePlane], image_size: int
+) -> list[tuple[npt.NDArray[np.uint8], tuple[float, ...]]]:
+    """Resample isotropic planes through ``centre`` (see :func:`_plane_grid`), bone window.
+
+    Only the voxels around each plane are converted to HU (one read of each slice for all planes) and
+    handed to SimpleITK: linear interpolation reads nothing else, so each plane is the one resampled
+    from the whole volume.
+    """
+    sitk = _sitk()
+
+    grids = [_plane_grid(stack, centre, plane, image_size) for plane in planes]
+    blocks = stack.blocks([(first, last) for _ref, _affine, first, last in grids])
+    out: list[tuple[npt.NDArray[np.uint8], tuple[float, ...]]] = []
+    for (ref, affine, first, _last), block_hu in zip(grids, blocks, strict=True):
+        block = sitk.GetImageFromArray(block_hu)
+        block.SetOrigin(tuple(float(v) for v in stack.to_point(first)))
+        block.SetSpacing(tuple(float(v) for v in stack.spacing))
+        block.SetDirection(tuple(float(v) for v in stack.direction.ravel()))
+        plane_img = sitk.Resample(block, ref, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
+        hu = sitk.GetArrayFromImage(plane_img)[0]
+        level, width = BONE_WINDOW
+        out.append((_to_uint8(hu, level - width / 2, level + width / 2), tuple(float(v) for v in affine.ravel())))
+    return out
+
+
+def _reformat(
+    stack: _Stack, centre: npt.NDArray[np.float64], plane: ImagePlane, image_size: int
+) -> tuple[npt.NDArray[np.uint8], tuple[float, ...]]:
+    """One plane of :func:`_reformats`."""
+    return _reformats(stack, centre, [plane], image_size)[0]
 
 
 def _ct_inputs(builder: _Builder, series: Sequence[Series]) -> None:
@@ -1066,10 +1105,10 @@ def _ct_inputs(builder: _Builder, series: Sequence[Series]) -> None:
     stack = _read_stack(builder.study, run)
     centre = _spine_centre(stack)
     instances = [inst for _, inst in run]
-    for plane, what in ((ImagePlane.SAGITTAL, "mid-sagittal"), (ImagePlane.CORONAL, "mid-coronal")):
-        if builder.full:
-            break
-        pixels, affine = _reformat(stack, centre, plane, builder.settings.image_size)
+    planes = [(ImagePlane.SAGITTAL, "mid-sagittal"), (ImagePlane.CORONAL, "mid-coronal")]
+    planes = planes[: max(0, builder.settings.max_images - len(builder.images))]
+    images = _reformats(stack, centre, [plane for plane, _ in planes], builder.settings.image_size)
+    for (plane, what), (pixels, affine) in zip(planes, images, strict=True):
         builder.add_reformat(
             pixels, main.series, instances, plane, f"{what} reformat of the axial CT, bone window", affine
         )

@@ -8,6 +8,7 @@ from files only, so the same type serves the C-STORE path, the Orthanc path and
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-__all__ = ["Instance", "Series", "Study", "StudyError", "load_study"]
+__all__ = ["Instance", "Series", "Study", "StudyError", "load_study", "read_header"]
 
 
 class StudyError(ValueError):
@@ -139,6 +140,34 @@ def _expand(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+#: What :func:`load_study` reads of every instance's header.
+_INSTANCE_KEYWORDS = (
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "NumberOfFrames",
+    "ImagePositionPatient",
+)
+
+
+def read_header(path: str | os.PathLike[str]) -> pydicom.Dataset:
+    """One file's header (no pixel data), with the elements :func:`load_study` reads already decoded, for
+    ``load_study(..., known_headers=...)``.
+
+    Raises
+    ------
+    OSError, pydicom.errors.InvalidDicomError, ValueError, TypeError, EOFError
+        The file cannot be read as DICOM.
+    """
+    ds: pydicom.Dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword in _INSTANCE_KEYWORDS:
+        with contextlib.suppress(ValueError, TypeError, OverflowError):  # malformed: load_study decides
+            ds.get(keyword)
+    return ds
 
 
 def load_study(

@@ -15,7 +15,7 @@ from dicom_node.config import load_config
 from dicom_node.pipeline import Pipeline
 from dicom_node.store import InstanceRecord, JobState, SQLiteJobStore
 from dicom_node.worker import HeaderCache
-from inference.study import load_study
+from inference.study import load_study, read_header
 
 
 def _record(path: Path) -> InstanceRecord:
@@ -51,7 +51,7 @@ def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 def test_load_study_uses_known_headers(tmp_path: Path, counted_reads: list[object]) -> None:
     paths = list(synthetic.make_spine_ct(tmp_path, slices=10, size=64).paths)
     reference = load_study(paths)
-    known = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in paths[:7]}
+    known = {p: read_header(p) for p in paths[:7]}
     counted_reads.clear()
     study = load_study(paths, known_headers=known)
     assert study == reference
