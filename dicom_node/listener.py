@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node.acceptor import Accepted, Rejection, negotiate, rejection_pdu
@@ -128,6 +129,7 @@ class Listener:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[socket.socket, threading.Thread]] = {}
         self._next_id = 0
+        self._negotiated: dict[bytes, tuple[A_ASSOCIATE, Accepted]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
@@ -242,7 +244,7 @@ class Listener:
         whole = bytes((pdu_type, 0)) + len(body).to_bytes(4, "big") + bytes(body)
         rq, decision = negotiate(whole, ae_title=s.ae_title, supported=s.contexts,
                                  allowed_calling_aes=s.allowed_calling_aes, max_pdu_length=s.max_pdu_length,
-                                 busy=busy, gate=self.service.check_peer(peer_ip))
+                                 busy=busy, gate=self.service.check_peer(peer_ip), cache=self._negotiated)
         if isinstance(decision, Rejection):
             pdus.send(rejection_pdu(decision))
             self.service.association_rejected(peer_ip, str(rq.calling_ae_title).strip(), decision)
