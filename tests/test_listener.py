@@ -3,6 +3,7 @@ negotiation and protocol errors on real loopback associations, and the indexer's
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -268,13 +269,28 @@ def test_abort_in_the_middle_of_a_data_set_leaves_nothing(live: ReceivingNode) -
     sock.sendall(struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
     fragment = b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\x00"
     sock.sendall(struct.pack(">BxIIBB", 4, len(fragment) + 6, len(fragment) + 2, 1, 0x00) + fragment)
-    time.sleep(0.2)
-    assert list((live.config.spool_dir / ".incoming").iterdir()), "the partial data set is being written"
+    incoming = str(live.config.spool_dir / ".incoming")
+
+    def open_incoming() -> list[str]:  # our own descriptors on files in .incoming (named or O_TMPFILE)
+        out = []
+        for fd in Path("/proc/self/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(incoming):
+                out.append(target)
+        return out
+
+    deadline = time.monotonic() + 5
+    while not open_incoming():
+        assert time.monotonic() < deadline, "the partial data set is being written"
+        time.sleep(0.02)
     sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0)))  # A-ABORT from the peer
     sock.close()
     deadline = time.monotonic() + 5
-    while list((live.config.spool_dir / ".incoming").iterdir()):
-        assert time.monotonic() < deadline, "partial file removed"
+    while open_incoming() or list(Path(incoming).iterdir()):
+        assert time.monotonic() < deadline, "partial file closed and removed"
         time.sleep(0.05)
     assert live.store.jobs() == []
 
