@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.audit import open_audit
+from dicom_node.completeness import due_at
 from dicom_node.config import NodeConfig
 from dicom_node.export import backoff_delay, deliver
 from dicom_node.heartbeat import HeartbeatWriter, heartbeat_path
@@ -35,6 +36,9 @@ from inference.study import StudyError, load_study, read_header
 __all__ = ["HeaderCache", "Worker", "write_dataset_atomic"]
 
 log = get_logger(__name__)
+
+#: Short wait of an idle worker around the moment a study falls due.
+_SOON_S = 0.01
 
 
 class HeaderCache:
@@ -172,7 +176,7 @@ class Worker:
                     continue
                 # idle: read the headers of studies still arriving, in short turns between claims
                 if not self._prefetch():
-                    self._stop.wait(self.config.worker.poll_interval_s)
+                    self._stop.wait(self.idle_wait())
         finally:
             self.heartbeat.stop()
             self.audit.close()
@@ -192,6 +196,29 @@ class Worker:
             log.exception("job failed with an internal error", job=job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
         return True
+
+    def idle_wait(self, now: float | None = None) -> float:
+        """How long an idle worker waits before it looks for work again: ``poll_interval_s``, or until just
+        after the next receiving study falls due, then briefly at a short interval while the receiver's
+        completeness check completes it — a claim within milliseconds, not up to a poll interval later.
+        """
+        poll = self.config.worker.poll_interval_s
+        completeness = self.config.completeness
+        now = time.time() if now is None else now
+        try:
+            jobs = self.store.jobs([JobState.RECEIVING])
+        except Exception:  # the claim that follows reports a store problem
+            return poll
+        wait = poll
+        for job in jobs:
+            due = due_at(job, completeness)
+            if due is None:
+                continue
+            if due > now:
+                wait = min(wait, due - now + _SOON_S)
+            elif now - due <= completeness.check_interval_s + _SOON_S:
+                wait = min(wait, _SOON_S)
+        return max(wait, 0.0)
 
     def _prefetch(self) -> bool:
         try:

@@ -123,3 +123,42 @@ def test_warm_up_loads_stage_code_and_freezes_it(tmp_path: Path) -> None:
         assert {"inference.preprocess", "sr_templates", "SimpleITK", "highdicom"} <= set(sys.modules)
     finally:
         gc.unfreeze()
+
+
+def test_completeness_check_and_idle_worker_wake_when_a_study_falls_due(tmp_path: Path) -> None:
+    from dicom_node.completeness import CompletenessMonitor, due_at
+    from dicom_node.worker import Worker
+
+    paths = list(synthetic.make_spine_ct(tmp_path / "ct", slices=8, size=64).paths)
+    cfg = load_config(
+        node={"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "node", "min_free_disk_mb": 0},
+        completeness={"quiet_seconds": 0.5, "force_seconds": 60, "check_interval_s": 30.0},
+        worker={"poll_interval_s": 5.0},
+    )
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    monitor = CompletenessMonitor(cfg.completeness, store)
+    try:
+        store.record_instances([_record(p) for p in paths])
+        (job,) = store.jobs([JobState.RECEIVING])
+        due = due_at(job, cfg.completeness)
+        assert due == pytest.approx((job.last_received_at or 0) + 0.5)
+        # nothing due: the regular interval; a study due in 0.3 s: just after that
+        assert monitor.next_wait(now=due - 100) == pytest.approx(30.0)
+        assert monitor.next_wait(now=due - 0.3) == pytest.approx(0.3, abs=0.01)
+        worker = Worker(cfg, store, Pipeline(cfg))
+        assert worker.idle_wait(now=due - 100) == pytest.approx(5.0)
+        assert worker.idle_wait(now=due - 0.3) == pytest.approx(0.31, abs=0.01)
+        assert worker.idle_wait(now=due + 0.1) == pytest.approx(0.01)  # due: look again very soon
+        assert worker.idle_wait(now=due + 120) == pytest.approx(5.0)  # long overdue (required series)
+        worker.audit.close()
+        # the monitor completes it right after the quiet period, not after its 30 s interval
+        monitor.start()
+        deadline = time.monotonic() + 10
+        while store.get(job.id).state is JobState.RECEIVING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        done = store.get(job.id)
+        assert done.state is JobState.COMPLETE
+        assert (done.completed_at or 0) - due < 0.5
+    finally:
+        monitor.stop()
+        store.close()
