@@ -109,7 +109,8 @@ class HeartbeatWriter:
             The file could not be written.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        # one temporary file per thread: the heartbeat thread and ready()/job updates may write at once
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(asdict(self.snapshot())), encoding="utf-8")
         os.replace(tmp, self.path)
 
