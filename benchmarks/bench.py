@@ -116,26 +116,38 @@ def make_studies(tmp: Path, quick: bool) -> Studies:
     return Studies(list(mr.paths), list(ct.paths))
 
 
-def best_of(n: int, f) -> float:  # type: ignore[no-untyped-def]
-    return max(f() for _ in range(n))
-
 
 # --------------------------------------------------------------------------------------------- 1. ingest
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def paired(tmp: Path, paths: Sequence[Path], assocs: int, repeats: int) -> tuple[float, float, list[float],
+                                                                                   list[float]]:
+    """storescp and the node take turns (A B A B …) so both see the same machine; returns the medians
+    (storescp, node) and every run.  Each node run is a fresh node: every instance is new, fsynced."""
+    refs, rates = [], []
+    with storescp(tmp) as ref_port:
+        for _ in range(repeats):
+            refs.append(send(ref_port, paths, assocs))
+            with node_receiver(tmp) as (port, _, _):
+                rates.append(send(port, paths, assocs))
+    return median(refs), median(rates), refs, rates
+
+
 def bench_ingest(tmp: Path, studies: Studies, repeats: int) -> None:
     rows = []
     for name, paths in (("MR 100 × 256²", studies.mr100), (f"CT {len(studies.ct300)} × 512²", studies.ct300)):
         for assocs in (1, 4):
-            with storescp(tmp) as port:
-                ref = best_of(repeats, lambda p=port, ps=paths, a=assocs: send(p, ps, a))  # type: ignore[misc]
-            rates = []
-            for _ in range(repeats):  # a fresh node each time: every instance is new, fsynced and recorded
-                with node_receiver(tmp) as (port, _, _):
-                    rates.append(send(port, paths, assocs))
-            node = max(rates)
+            ref, node, refs, rates = paired(tmp, paths, assocs, repeats)
             rows.append({"study": name, "associations": assocs, "storescp_per_s": round(ref, 1),
-                         "node_per_s": round(node, 1), "ratio": round(node / ref, 2)})
+                         "node_per_s": round(node, 1), "ratio": round(node / ref, 2),
+                         "storescp_runs": [round(r) for r in refs], "node_runs": [round(r) for r in rates]})
             print(f"ingest  {name:<16} assoc={assocs}  storescp {ref:7.1f}/s  node {node:7.1f}/s  "
-                  f"ratio {node / ref:.2f}", flush=True)
+                  f"ratio {node / ref:.2f}   (runs: storescp {[round(r) for r in refs]}, "
+                  f"node {[round(r) for r in rates]})", flush=True)
     RESULTS["ingest"] = rows
 
 
@@ -254,10 +266,7 @@ def bench_scaling(tmp: Path, quick: bool) -> None:
     by_size = []
     for n in sizes:
         paths = list(make_spine_ct(tmp / f"scale{n}", slices=n, size=256).paths)
-        with storescp(tmp) as port:
-            ref = send(port, paths)
-        with node_receiver(tmp) as (port, _, _):
-            node = send(port, paths)
+        ref, node, _, _ = paired(tmp, paths, 1, 3)
         ov = run_overhead(tmp, paths)["total_s"]
         by_size.append({"instances": n, "storescp_per_s": round(ref, 1), "node_per_s": round(node, 1),
                         "ratio": round(node / ref, 2), "overhead_s": round(ov, 3)})
@@ -266,10 +275,7 @@ def bench_scaling(tmp: Path, quick: bool) -> None:
     paths = list(make_spine_ct(tmp / "scale-assoc", slices=320, size=256).paths)
     by_assoc = []
     for a in assocs:
-        with storescp(tmp) as port:
-            ref = send(port, paths, a)
-        with node_receiver(tmp) as (port, _, _):
-            node = send(port, paths, a)
+        ref, node, _, _ = paired(tmp, paths, a, 3)
         by_assoc.append({"associations": a, "storescp_per_s": round(ref, 1), "node_per_s": round(node, 1),
                          "ratio": round(node / ref, 2)})
         print(f"scaling assoc={a:<3} storescp {ref:7.1f}/s node {node:7.1f}/s ratio {node / ref:.2f}", flush=True)
@@ -340,7 +346,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--only", default="ingest,overhead,memory,scaling,model")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

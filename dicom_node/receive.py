@@ -187,10 +187,10 @@ class Receiver:
         if not isinstance(sink, SpoolFile):
             log.error("instance refused: spool disk below min_free_disk_mb or not writable", calling_ae=calling)
             return self._refuse(STATUS_OUT_OF_RESOURCES), "not read (refused before its data set)"
-        sink.start_sync(self._sync_pool)  # the fsync runs while the header is checked
         fields = scan_header(bytes(sink.head[_meta_length(sink.head) :]), request.transfer_syntax)
         try:
-            if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it
+            if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it,
+                sink.start_sync(self._sync_pool)  # ~1 ms, while the fsync runs in the pool
                 fields = _read_header(sink.path)
             sop_uid = fields.sop_instance_uid
             sop_class = fields.sop_class_uid

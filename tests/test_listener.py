@@ -9,6 +9,7 @@ import struct
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -26,7 +27,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 
 from dicom_node.config import load_config
 from dicom_node.dimse import Command, decode_command, echo_response, store_response
-from dicom_node.errors import ProtocolError
+from dicom_node.errors import ProtocolError, StoreError
 from dicom_node.indexer import reconcile
 from dicom_node.node import ReceivingNode
 from dicom_node.spool import Spool, part10_header
@@ -311,3 +312,39 @@ def test_reconcile_records_acknowledged_instances_a_crash_left_unrecorded(tmp_pa
     lines = [ln for ln in Path(n.receiver.audit.path).read_text().splitlines() if '"recovered"' in ln]
     assert len(lines) == len(study.paths)
     n.store.close()
+
+
+class _FlakyStore:
+    """The real SQLite store, whose first ``failures`` batch writes fail (a locked or full database)."""
+
+    def __init__(self, store: Any, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def record_instances(self, recs: Any, *, source: str = "dicom") -> list[bool]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("database is locked")
+        return self._store.record_instances(recs, source=source)  # type: ignore[no-any-return]
+
+
+def test_indexer_retries_a_failing_store_and_drops_nothing(tmp_path: Path) -> None:
+    study = make_lumbar_mr(tmp_path / "mr", slices=4, size=32)
+    cfg = load_config(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "node", "min_free_disk_mb": 0},
+                      completeness={"quiet_seconds": 60})
+    n = ReceivingNode(cfg)
+    flaky = _FlakyStore(n.store, failures=2)
+    n.receiver.indexer.store = flaky  # type: ignore[assignment]
+    n.receiver.start()
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", n.receiver.port, ae_title="SPINEMED")
+        assert all(assoc.send_c_store(p).Status == 0 for p in study.paths)
+        assoc.release()
+        assert n.receiver.flush(timeout=20)
+        assert flaky.failures == 0 and n.receiver.indexer.failures == 2
+        assert len(n.store.instances(study.study_instance_uid)) == len(study.paths)
+    finally:
+        n.receiver.stop()
+        n.store.close()
