@@ -145,21 +145,20 @@ class Spool:
             The bytes could not be synced or linked (disk full, I/O error).
         """
         final = self.path_for(study_uid, sop_instance_uid)
+        target = os.fspath(final)
         try:
-            if final.exists():
+            if os.path.exists(target):
                 incoming.discard()
                 return final, False
             incoming.sync()
-            new_dir = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
+            new_dir = False
             try:
-                # never replaces: two concurrent sends of one instance keep the first.  A directory fd makes
-                # Python call linkat(..., AT_SYMLINK_FOLLOW), which links an O_TMPFILE inode by its /proc path
-                dir_fd = os.open(self.incoming, os.O_RDONLY)
                 try:
-                    os.link(incoming.path, final, src_dir_fd=dir_fd, follow_symlinks=True)
-                finally:
-                    os.close(dir_fd)
+                    _link(incoming.path, target)
+                except FileNotFoundError:  # the study's first instance: its directory does not exist yet
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    new_dir = True
+                    _link(incoming.path, target)
             except FileExistsError:
                 incoming.discard()
                 return final, False
@@ -186,6 +185,20 @@ class Spool:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+
+_ANY_DIR_FD: int | None = None
+
+
+def _link(source: Path, target: str) -> None:
+    """Hard-link ``source`` to ``target``; never replaces (FileExistsError), so two concurrent sends of one
+    instance keep the first.  Passing a directory fd makes Python call ``linkat(..., AT_SYMLINK_FOLLOW)``,
+    which links an ``O_TMPFILE`` inode by its ``/proc/self/fd`` path (both paths are absolute, so which
+    directory does not matter: one descriptor for the process)."""
+    global _ANY_DIR_FD
+    if _ANY_DIR_FD is None:
+        _ANY_DIR_FD = os.open("/", os.O_RDONLY)
+    os.link(os.path.abspath(source), target, src_dir_fd=_ANY_DIR_FD, follow_symlinks=True)
 
 
 def _fsync_dir(path: Path) -> None:

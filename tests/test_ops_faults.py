@@ -309,6 +309,7 @@ def test_retention_deletes_files_of_finished_studies_only(tmp_path: Path) -> Non
         out_file = cfg.outputs_dir / study_key(done.study_instance_uid) / "r1" / "measurement_report.dcm"
         for st in (done, failed):
             assert storescu(n.receiver.port, list(st.paths)).returncode == 0
+            assert n.receiver.flush(), "acknowledged instances recorded"
             _drive(n, st.study_instance_uid, JobState.DONE if st is done else JobState.FAILED, out_file)
         assert storescu(n.receiver.port, list(receiving.paths)).returncode == 0
         assert n.receiver.flush(), "acknowledged instances recorded"

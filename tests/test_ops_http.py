@@ -58,6 +58,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     thread.start()
     study = make_lumbar_mr(tmp / "mr", slices=5, size=96, seed=5, patient_id="HTTP-PAT-4711")
     assert storescu(node.receiver.port, list(study.paths)).returncode == 0
+    assert node.receiver.flush(), "acknowledged instances recorded"
     deadline = time.monotonic() + 180
     while node.store.by_study(study.study_instance_uid).state is not JobState.DONE:
         assert time.monotonic() < deadline, node.store.by_study(study.study_instance_uid)

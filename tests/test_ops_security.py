@@ -303,7 +303,7 @@ def test_audit_trail_records_who_sent_what_without_phi(tmp_path: Path) -> None:
     try:
         study = make_lumbar_mr(tmp_path / "mr", slices=3, size=32)
         assert storescu(n.receiver.port, list(study.paths), calling="CT-SCANNER-3").returncode == 0
-        time.sleep(0.2)
+        assert n.receiver.flush(), "acknowledged instances recorded and audited"
         lines = [a for a in _audit(n) if a["event"] == "instance_received"]
     finally:
         n.stop()
