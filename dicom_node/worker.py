@@ -50,7 +50,7 @@ class HeaderCache:
     longer arriving or complete are dropped.
     """
 
-    def __init__(self, max_entries: int = 20000) -> None:
+    def __init__(self, max_entries: int = 4000) -> None:  # a CT header is ~30 kB in memory: ~120 MB at most
         self.max_entries = max_entries
         self._headers: dict[str, tuple[int, int, Dataset]] = {}  # path → (size, mtime_ns, header)
         self._read: dict[str, int] = {}  # study UID → instances read for it
