@@ -39,6 +39,7 @@ from dicom_node.net import free_port, wait_port  # noqa: E402
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 RESULTS: dict[str, object] = {}
+ALL = {"ingest", "overhead", "memory", "scaling", "model"}
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -345,7 +346,7 @@ def bench_model(tmp: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
-    ap.add_argument("--only", default="ingest,overhead,memory,scaling,model")
+    ap.add_argument("--only", default=",".join(sorted(ALL)))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json")
     args = ap.parse_args()
@@ -354,6 +355,8 @@ def main() -> int:
 
     configure_logging("WARNING", json=False)
     which = set(args.only.split(","))
+    if which - ALL:
+        ap.error(f"--only: unknown {sorted(which - ALL)}; choose from {sorted(ALL)}")
     tmp = Path(tempfile.mkdtemp(prefix="spinemed-bench-"))
     t0 = time.perf_counter()
     try:
@@ -372,7 +375,10 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS["wall_s"] = round(time.perf_counter() - t0, 1)
-    args.json.write_text(json.dumps(RESULTS, indent=2))
+    # a partial run (--only) updates its own sections and keeps the others
+    merged = json.loads(args.json.read_text()) if args.json.exists() and which != ALL else {}
+    merged.update(RESULTS)
+    args.json.write_text(json.dumps(merged, indent=2))
     print(f"total {RESULTS['wall_s']} s; results in {args.json}")
     return 0
 

@@ -317,6 +317,9 @@ class TransformersBackend:
         self.settings = settings
         self.num_threads = num_threads
         self.limits = limits or SchemaLimits()
+        #: token counts of the last generation (prompt, answer), for benchmarks and logs
+        self.last_prompt_tokens = 0
+        self.last_generated_tokens = 0
         self.model_dir = resolve_model_dir(settings)
         self.device, self.dtype = resolve_device_dtype(settings)
         self.static_cache = settings.static_cache == "on" or (
@@ -476,6 +479,7 @@ class TransformersBackend:
             finally:
                 torch.set_num_threads(threads)
         tokens = out[0, prompt_length:].tolist()
+        self.last_prompt_tokens, self.last_generated_tokens = int(prompt_length), len(tokens)
         if stop.expired:
             raise InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s ({len(tokens)} tokens generated)")
         finished = bool(tokens) and tokens[-1] in self._eos_ids
