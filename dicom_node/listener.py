@@ -208,6 +208,7 @@ class Listener:
             if info is None:
                 return
             sock.settimeout(s.network_timeout_s)
+            pdus.associated = True
             _Association(pdus, info[0], info[1], self.service).run()
         except ssl.SSLError as exc:
             log.warning("TLS handshake failed", peer_ip=peer_ip, error=type(exc).__name__, detail=exc.reason)
@@ -218,7 +219,10 @@ class Listener:
             log.warning("association aborted: peer silent for too long", peer_ip=peer_ip)
             _send_quietly(pdus, abort_pdu(ABORT_NOT_SPECIFIED))
         except PeerClosed:
-            log.info("connection closed by the peer", peer_ip=peer_ip)
+            if pdus is not None and pdus.associated:
+                log.info("connection closed by the peer", peer_ip=peer_ip)
+            else:  # a TCP probe before any A-ASSOCIATE-RQ (load balancer, monitoring): not worth an info line
+                log.debug("connection closed before an association was requested", peer_ip=peer_ip)
         except OSError as exc:
             log.warning("association ended: connection error", peer_ip=peer_ip, error=type(exc).__name__)
         except Exception:  # a bug of ours: logged with its traceback, the association aborted, the listener lives on

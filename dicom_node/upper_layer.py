@@ -78,6 +78,8 @@ class PDUSocket:
     def __init__(self, sock: socket.socket, max_pdu_length: int = MAX_PDU_LENGTH) -> None:
         self.sock = sock
         self.max_pdu_length = max_pdu_length
+        #: set once an association is established on this connection
+        self.associated = False
         self._header = bytearray(_HEADER.size)
         self._body = bytearray(64 * 1024)
 
