@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["HeaderFields", "scan_header"]
 
@@ -53,6 +54,18 @@ class HeaderFields:
     series_instance_uid: str
     modality: str
     series_description: str
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> HeaderFields:
+        """The same attributes from a pydicom Dataset (raises ``AttributeError`` if a UID is missing)."""
+        return cls(
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            modality=str(ds.get("Modality", "") or ""),
+            series_description=str(ds.get("SeriesDescription", "") or ""),
+        )
 
 
 class _Unsupported(Exception):

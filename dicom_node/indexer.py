@@ -24,6 +24,7 @@ from pydicom import dcmread
 
 from dicom_node.audit import AuditTrail
 from dicom_node.errors import StoreError
+from dicom_node.header import HeaderFields
 from dicom_node.log import get_logger, phi_hash
 from dicom_node.store import InstanceRecord, JobStore
 
@@ -162,13 +163,14 @@ class InstanceIndexer:
 def _record_from_file(path: Path) -> InstanceRecord:
     ds = dcmread(path, stop_before_pixels=True)
     meta = ds.file_meta
+    fields = HeaderFields.from_dataset(ds)
     return InstanceRecord(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        modality=str(ds.get("Modality", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
+        sop_instance_uid=fields.sop_instance_uid,
+        study_instance_uid=fields.study_instance_uid,
+        series_instance_uid=fields.series_instance_uid,
+        sop_class_uid=fields.sop_class_uid,
+        modality=fields.modality,
+        series_description=fields.series_description,
         path=str(path),
         transfer_syntax_uid=str(meta.TransferSyntaxUID),
         size=path.stat().st_size,

@@ -84,15 +84,7 @@ def _past_series_uid(tag: int, vr: str | None, length: int) -> bool:
 def _read_header(path: Path) -> HeaderFields:
     """The listener's attributes read by pydicom, up to Series Instance UID (the rest is read later)."""
     with path.open("rb") as fp:
-        ds = read_partial(fp, stop_when=_past_series_uid)
-    return HeaderFields(
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        modality=str(ds.get("Modality", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
-    )
+        return HeaderFields.from_dataset(read_partial(fp, stop_when=_past_series_uid))
 
 
 class Receiver:

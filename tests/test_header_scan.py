@@ -35,14 +35,7 @@ def _dataset_bytes(path: Path) -> tuple[bytes, str] | None:
 def _pydicom_fields(path: Path) -> HeaderFields | None:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     try:
-        return HeaderFields(
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            modality=str(ds.get("Modality", "") or ""),
-            series_description=str(ds.get("SeriesDescription", "") or ""),
-        )
+        return HeaderFields.from_dataset(ds)
     except AttributeError:
         return None
 

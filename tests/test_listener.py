@@ -71,12 +71,12 @@ def test_echo_response_is_pynetdicoms_byte_for_byte() -> None:
     assert echo_response(request, 0, 1, 16382) == _pynetdicom_pdus(message, 1, 16382)
 
 
-@pytest.mark.parametrize("originator", ["", "MOVESCU"])
-def test_store_request_command_decoded_as_pynetdicom_encodes_it(originator: str) -> None:
+def _store_rq(message_id: int, sop_class: str, sop_instance: str, originator: str = "") -> bytes:
+    """A C-STORE-RQ command set as pynetdicom encodes it."""
     primitive = C_STORE()
-    primitive.MessageID = 65535
-    primitive.AffectedSOPClassUID = UID(SOP_CLASS)
-    primitive.AffectedSOPInstanceUID = UID("1.2.3.4567")
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = UID(sop_class)
+    primitive.AffectedSOPInstanceUID = UID(sop_instance)
     primitive.Priority = 2
     if originator:
         primitive.MoveOriginatorApplicationEntityTitle = originator
@@ -86,6 +86,12 @@ def test_store_request_command_decoded_as_pynetdicom_encodes_it(originator: str)
     message.primitive_to_message(primitive)
     raw = encode(message.command_set, True, True)
     assert raw is not None
+    return raw
+
+
+@pytest.mark.parametrize("originator", ["", "MOVESCU"])
+def test_store_request_command_decoded_as_pynetdicom_encodes_it(originator: str) -> None:
+    raw = _store_rq(65535, SOP_CLASS, "1.2.3.4567", originator)
     assert decode_command(raw) == Command(0x0001, 65535, SOP_CLASS, "1.2.3.4567", True, originator)
 
 
@@ -257,16 +263,7 @@ def test_silent_peer_is_aborted_after_the_network_timeout(live: ReceivingNode) -
 
 def test_abort_in_the_middle_of_a_data_set_leaves_nothing(live: ReceivingNode) -> None:
     sock = _raw_associate(live.receiver.port)
-    primitive = C_STORE()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = UID(CTImageStorage)
-    primitive.AffectedSOPInstanceUID = UID("1.2.3.4")
-    primitive.Priority = 0
-    primitive.DataSet = BytesIO(b"")
-    message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
-    command = encode(message.command_set, True, True)
-    assert command is not None
+    command = _store_rq(1, CTImageStorage, "1.2.3.4")
     sock.sendall(struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
     fragment = b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\x00"
     sock.sendall(struct.pack(">BxIIBB", 4, len(fragment) + 6, len(fragment) + 2, 1, 0x00) + fragment)
