@@ -135,12 +135,9 @@ class Receiver:
     def association_accepted(self, info: AssociationInfo) -> None:
         self.stats.add(associations=1)
 
-    def _low_disk(self) -> bool:
-        return self.spool.free_bytes() < self.config.node.min_free_disk_mb * 1024 * 1024
-
     # ------------------------------------------------------------------ C-STORE
     def begin_store(self, info: AssociationInfo, request: StoreRequest) -> DatasetSink:
-        if self._low_disk():
+        if self.gate.low_disk():  # the same threshold that refuses new associations
             return _Discard()
         try:
             incoming = self.spool.begin()
@@ -180,61 +177,53 @@ class Receiver:
             log.error("instance refused: spool disk below min_free_disk_mb or not writable", calling_ae=calling)
             return self._refuse(STATUS_OUT_OF_RESOURCES), "not read (refused before its data set)"
         fields = scan_header(bytes(sink.head[_meta_length(sink.head) :]), request.transfer_syntax)
-        try:
-            if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it,
-                sink.start_sync(self._sync_pool)  # ~1 ms, while the fsync runs in the pool
+        if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it,
+            sink.start_sync(self._sync_pool)  # ~1 ms, while the fsync runs in the pool
+            try:
                 fields = _read_header(sink.path)
-            sop_uid = fields.sop_instance_uid
-            sop_class = fields.sop_class_uid
-            study_uid = fields.study_instance_uid
-            series_uid = fields.series_instance_uid
-            modality = fields.modality
-            series_desc = fields.series_description
-        except Exception as exc:  # peer data: any decoding failure is refused with 0xC000, never raised
-            log.warning(
-                "instance refused: cannot decode dataset",
-                calling_ae=calling,
-                error=type(exc).__name__,
-                # pydicom's messages quote element values (names, IDs): only a digest, for correlation
-                detail_digest=phi_hash(str(exc)),
-            )
-            return self._refuse(STATUS_CANNOT_UNDERSTAND), f"undecodable ({type(exc).__name__})"
-        study = phi_hash(study_uid)
+            except Exception as exc:  # peer data: any decoding failure is refused with 0xC000, never raised
+                log.warning(
+                    "instance refused: cannot decode dataset",
+                    calling_ae=calling,
+                    error=type(exc).__name__,
+                    # pydicom's messages quote element values (names, IDs): only a digest, for correlation
+                    detail_digest=phi_hash(str(exc)),
+                )
+                return self._refuse(STATUS_CANNOT_UNDERSTAND), f"undecodable ({type(exc).__name__})"
+        study = phi_hash(fields.study_instance_uid)
         command = request.command
-        if sop_uid != command.sop_instance_uid or sop_class != command.sop_class_uid:
+        if fields.sop_instance_uid != command.sop_instance_uid or fields.sop_class_uid != command.sop_class_uid:
             log.warning("instance refused: dataset UIDs differ from the C-STORE request", calling_ae=calling,
-                        sop=phi_hash(sop_uid))
+                        sop=phi_hash(fields.sop_instance_uid))
             return self._refuse(STATUS_DATASET_MISMATCH), study
         size = sink.size
         try:
-            path, fresh = self.spool.commit(sink, study_uid, sop_uid)
+            path, fresh = self.spool.commit(sink, fields.study_instance_uid, fields.sop_instance_uid)
         except SpoolError as exc:
             log.error("instance refused: spool write failed", calling_ae=calling, detail=str(exc))
             return self._refuse(STATUS_OUT_OF_RESOURCES), study
-        # durable now: Success may go back; the job store and the audit trail follow in the indexer's next batch
-        if fresh:
-            self.stats.add(stored=1, bytes=size)
-            self.indexer.submit(
-                InstanceRecord(
-                    sop_instance_uid=sop_uid,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    sop_class_uid=sop_class,
-                    modality=modality,
-                    series_description=series_desc,
-                    path=str(path),
-                    transfer_syntax_uid=request.transfer_syntax,
-                    size=size,
-                    calling_ae=calling,
-                    received_at=time.time(),
-                ),
+        # durable now: Success may go back; the job store and the audit trail follow in the indexer's next batch.
+        # A resend is submitted too: it is audited, and recorded if a crash came between its first copy and the index
+        self.stats.add(**({"stored": 1, "bytes": size} if fresh else {"duplicates": 1}))
+        self.indexer.submit(
+            InstanceRecord(
+                sop_instance_uid=fields.sop_instance_uid,
+                study_instance_uid=fields.study_instance_uid,
+                series_instance_uid=fields.series_instance_uid,
+                sop_class_uid=fields.sop_class_uid,
+                modality=fields.modality,
+                series_description=fields.series_description,
+                path=str(path),
+                transfer_syntax_uid=request.transfer_syntax,
+                size=path.stat().st_size if not fresh else size,
                 calling_ae=calling,
-                peer_ip=info.peer_ip,
-                study=study,
-                sop=phi_hash(sop_uid),
-            )
-        else:
-            self.stats.add(duplicates=1)
+                received_at=time.time(),
+            ),
+            calling_ae=calling,
+            peer_ip=info.peer_ip,
+            study=study,
+            sop=phi_hash(fields.sop_instance_uid),
+        )
         return STATUS_SUCCESS, study
 
     # ------------------------------------------------------------------ lifecycle
