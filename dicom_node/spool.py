@@ -100,7 +100,7 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
-        # anything left here is from a crash before the rename: never acknowledged, safe to drop
+        # anything left here is from a crash before the link: never acknowledged, safe to drop
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
         self._anonymous = hasattr(os, "O_TMPFILE")
@@ -193,8 +193,8 @@ _ANY_DIR_FD: int | None = None
 def _link(source: Path, target: str) -> None:
     """Hard-link ``source`` to ``target``; never replaces (FileExistsError), so two concurrent sends of one
     instance keep the first.  Passing a directory fd makes Python call ``linkat(..., AT_SYMLINK_FOLLOW)``,
-    which links an ``O_TMPFILE`` inode by its ``/proc/self/fd`` path (both paths are absolute, so which
-    directory does not matter: one descriptor for the process)."""
+    which links an ``O_TMPFILE`` inode by its ``/proc/self/fd`` path.  The source is made absolute, so which
+    directory the fd names does not matter (one for the process); the target resolves as usual."""
     global _ANY_DIR_FD
     if _ANY_DIR_FD is None:
         _ANY_DIR_FD = os.open("/", os.O_RDONLY)
