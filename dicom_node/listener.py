@@ -211,7 +211,8 @@ class Listener:
             pdus.associated = True
             _Association(pdus, info[0], info[1], self.service).run()
         except ssl.SSLError as exc:
-            log.warning("TLS handshake failed", peer_ip=peer_ip, error=type(exc).__name__, detail=exc.reason)
+            log.warning("TLS handshake failed" if pdus is None else "association ended: TLS error", peer_ip=peer_ip,
+                        error=type(exc).__name__, detail=exc.reason)
         except ProtocolError as exc:
             log.warning("association aborted: protocol error", peer_ip=peer_ip, detail=str(exc))
             _send_quietly(pdus, abort_pdu(exc.reason))
