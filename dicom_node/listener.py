@@ -250,13 +250,15 @@ class Listener:
         rq, decision = negotiate(whole, ae_title=s.ae_title, supported=s.contexts,
                                  allowed_calling_aes=s.allowed_calling_aes, max_pdu_length=s.max_pdu_length,
                                  busy=busy, gate=self.service.check_peer(peer_ip), cache=self._negotiated)
+        # recorded (counted, logged, audited) before the peer hears the answer, so a peer never sees an
+        # answer the node has no record of
         if isinstance(decision, Rejection):
-            pdus.send(rejection_pdu(decision))
             self.service.association_rejected(peer_ip, str(rq.calling_ae_title).strip(), decision)
+            pdus.send(rejection_pdu(decision))
             return None
-        pdus.send(decision.ac_pdu)
         info = AssociationInfo(decision.calling_ae, decision.called_ae, peer_ip, peer_port)
         self.service.association_accepted(info)
+        pdus.send(decision.ac_pdu)
         return info, decision
 
 
