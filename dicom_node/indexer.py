@@ -28,7 +28,7 @@ from dicom_node.header import HeaderFields
 from dicom_node.log import get_logger, phi_hash
 from dicom_node.store import InstanceRecord, JobStore
 
-__all__ = ["InstanceIndexer", "reconcile"]
+__all__ = ["InstanceIndexer", "instance_record", "reconcile"]
 
 log = get_logger(__name__)
 
@@ -160,10 +160,9 @@ class InstanceIndexer:
                 self._cond.notify_all()
 
 
-def _record_from_file(path: Path) -> InstanceRecord:
-    ds = dcmread(path, stop_before_pixels=True)
-    meta = ds.file_meta
-    fields = HeaderFields.from_dataset(ds)
+def instance_record(fields: HeaderFields, path: Path, transfer_syntax_uid: str, size: int, calling_ae: str,
+                    received_at: float) -> InstanceRecord:
+    """The job-store record of a spooled instance."""
     return InstanceRecord(
         sop_instance_uid=fields.sop_instance_uid,
         study_instance_uid=fields.study_instance_uid,
@@ -172,11 +171,19 @@ def _record_from_file(path: Path) -> InstanceRecord:
         modality=fields.modality,
         series_description=fields.series_description,
         path=str(path),
-        transfer_syntax_uid=str(meta.TransferSyntaxUID),
-        size=path.stat().st_size,
-        calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
-        received_at=path.stat().st_mtime,
+        transfer_syntax_uid=transfer_syntax_uid,
+        size=size,
+        calling_ae=calling_ae,
+        received_at=received_at,
     )
+
+
+def _record_from_file(path: Path) -> InstanceRecord:
+    ds = dcmread(path, stop_before_pixels=True)
+    meta = ds.file_meta
+    st = path.stat()
+    return instance_record(HeaderFields.from_dataset(ds), path, str(meta.TransferSyntaxUID), st.st_size,
+                           str(meta.get("SourceApplicationEntityTitle", "") or "").strip(), st.st_mtime)
 
 
 def reconcile(spool_root: Path, store: JobStore, audit: AuditTrail) -> int:

@@ -26,7 +26,7 @@ from dicom_node.audit import open_audit
 from dicom_node.config import NodeConfig
 from dicom_node.errors import SpoolError
 from dicom_node.header import HeaderFields, scan_header
-from dicom_node.indexer import InstanceIndexer, reconcile
+from dicom_node.indexer import InstanceIndexer, instance_record, reconcile
 from dicom_node.listener import AssociationInfo, DatasetSink, Listener, ListenerSettings, StoreRequest
 from dicom_node.log import get_logger, phi_hash
 from dicom_node.net import (
@@ -37,7 +37,7 @@ from dicom_node.net import (
     storage_contexts,
 )
 from dicom_node.spool import Spool, SpoolFile, part10_header
-from dicom_node.store import InstanceRecord, JobStore
+from dicom_node.store import JobStore
 from dicom_node.tls import server_context
 
 __all__ = ["Receiver", "ReceiverStats"]
@@ -206,19 +206,8 @@ class Receiver:
         # A resend is submitted too: it is audited, and recorded if a crash came between its first copy and the index
         self.stats.add(**({"stored": 1, "bytes": size} if fresh else {"duplicates": 1}))
         self.indexer.submit(
-            InstanceRecord(
-                sop_instance_uid=fields.sop_instance_uid,
-                study_instance_uid=fields.study_instance_uid,
-                series_instance_uid=fields.series_instance_uid,
-                sop_class_uid=fields.sop_class_uid,
-                modality=fields.modality,
-                series_description=fields.series_description,
-                path=str(path),
-                transfer_syntax_uid=request.transfer_syntax,
-                size=path.stat().st_size if not fresh else size,
-                calling_ae=calling,
-                received_at=time.time(),
-            ),
+            instance_record(fields, path, request.transfer_syntax, size if fresh else path.stat().st_size, calling,
+                            time.time()),
             calling_ae=calling,
             peer_ip=info.peer_ip,
             study=study,
