@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from dicom_node.errors import ProtocolError
-from dicom_node.upper_layer import ABORT_INVALID_PARAMETER, P_DATA_TF
+from dicom_node.upper_layer import ABORT_INVALID_PARAMETER, p_data_pdu
 
 __all__ = [
     "C_ECHO_RQ",
@@ -49,8 +49,6 @@ class Command:
 _ELEMENT = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 _UL = struct.Struct("<I")
-_PDU = struct.Struct(">BxI")
-_PDV = struct.Struct(">IBB")
 # command set tags (group 0000)
 _GROUP_LENGTH, _SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _RESPONDED_TO = 0x0000, 0x0002, 0x0100, 0x0110, 0x0120
 _DATASET_TYPE, _STATUS, _SOP_INSTANCE, _MOVE_ORIGINATOR_AE = 0x0800, 0x0900, 0x1000, 0x1030
@@ -114,13 +112,10 @@ def command_pdus(command: bytes, context_id: int, max_pdu: int) -> bytes:
     room = max_pdu - 6 if max_pdu else len(command)
     if room <= 0:
         raise ProtocolError(f"peer maximum PDU length {max_pdu} is too small", ABORT_INVALID_PARAMETER)
-    out = []
-    for at in range(0, len(command), room):
-        fragment = command[at : at + room]
-        control = 0x03 if at + room >= len(command) else 0x01  # command; last fragment
-        out.append(_PDU.pack(P_DATA_TF, len(fragment) + 6) + _PDV.pack(len(fragment) + 2, context_id, control))
-        out.append(fragment)
-    return b"".join(out)
+    return b"".join(
+        p_data_pdu(context_id, 0x03 if at + room >= len(command) else 0x01, command[at : at + room])  # last: 0x03
+        for at in range(0, len(command), room)
+    )
 
 
 def store_response(request: Command, status: int, context_id: int, max_pdu: int) -> bytes:

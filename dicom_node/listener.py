@@ -32,13 +32,13 @@ from dicom_node.net import set_nodelay
 from dicom_node.upper_layer import (
     A_ABORT,
     A_ASSOCIATE_RQ,
-    A_RELEASE_RP,
     A_RELEASE_RQ,
     ABORT_INVALID_PARAMETER,
     ABORT_NOT_SPECIFIED,
     ABORT_UNEXPECTED_PDU,
     MAX_PDU_LENGTH,
     P_DATA_TF,
+    RELEASE_RP_PDU,
     PDUSocket,
     abort_pdu,
     iter_pdvs,
@@ -48,7 +48,6 @@ __all__ = ["AssociationInfo", "DatasetSink", "Listener", "StorageService", "Stor
 
 log = get_logger(__name__)
 
-_RELEASE_RP = bytes((A_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 _COMMAND, _LAST = 0x01, 0x02
 
 
@@ -284,7 +283,7 @@ class _Association:
                 elif pdu_type == A_RELEASE_RQ:
                     if self._request is not None:
                         raise ProtocolError("A-RELEASE-RQ in the middle of a message", ABORT_UNEXPECTED_PDU)
-                    self.pdus.send(_RELEASE_RP)
+                    self.pdus.send(RELEASE_RP_PDU)
                     log.debug("association released", calling_ae=self.info.calling_ae)
                     return
                 elif pdu_type == A_ABORT:

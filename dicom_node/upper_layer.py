@@ -33,6 +33,7 @@ __all__ = [
     "A_RELEASE_RQ",
     "MAX_PDU_LENGTH",
     "P_DATA_TF",
+    "RELEASE_RP_PDU",
     "PDUSocket",
     "abort_pdu",
     "iter_pdvs",
@@ -148,6 +149,10 @@ def p_data_pdu(context_id: int, control: int, fragment: bytes) -> bytes:
     """One P-DATA-TF PDU holding one presentation data value."""
     return b"".join((_HEADER.pack(P_DATA_TF, len(fragment) + 6), _PDV_HEADER.pack(len(fragment) + 2, context_id,
                                                                                      control), fragment))
+
+
+#: the A-RELEASE-RP PDU (it has no parameters)
+RELEASE_RP_PDU: Final = bytes((A_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 
 def abort_pdu(reason: int = ABORT_NOT_SPECIFIED, source: int = 0x02) -> bytes:

@@ -32,7 +32,7 @@ from dicom_node.indexer import reconcile
 from dicom_node.node import ReceivingNode
 from dicom_node.spool import Spool, part10_header
 from dicom_node.synthetic import make_lumbar_mr
-from dicom_node.upper_layer import MAX_PDU_LENGTH
+from dicom_node.upper_layer import MAX_PDU_LENGTH, p_data_pdu
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -264,9 +264,9 @@ def test_silent_peer_is_aborted_after_the_network_timeout(live: ReceivingNode) -
 def test_abort_in_the_middle_of_a_data_set_leaves_nothing(live: ReceivingNode) -> None:
     sock = _raw_associate(live.receiver.port)
     command = _store_rq(1, CTImageStorage, "1.2.3.4")
-    sock.sendall(struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
+    sock.sendall(p_data_pdu(1, 0x03, command))
     fragment = b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\x00"
-    sock.sendall(struct.pack(">BxIIBB", 4, len(fragment) + 6, len(fragment) + 2, 1, 0x00) + fragment)
+    sock.sendall(p_data_pdu(1, 0x00, fragment))
     incoming = str(live.config.spool_dir / ".incoming")
 
     def open_incoming() -> list[str]:  # our own descriptors on files in .incoming (named or O_TMPFILE)
