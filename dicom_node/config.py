@@ -72,6 +72,9 @@ class NodeSection(_Section):
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     min_free_disk_mb: int = Field(default=1024, ge=0, description="refuse instances below this")
+    receive_slots: int = Field(default=512, ge=0, le=100_000,
+                               description="instances received into files written ahead (1 MiB of disk each, "
+                                           "kept ready); size it to a study burst; 0 = off")
     allowed_source_networks: list[str] = Field(
         default_factory=list, description="CIDRs peers may connect from; empty = any"
     )

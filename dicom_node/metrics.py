@@ -29,6 +29,7 @@ from dicom_node.access import GateStats
 from dicom_node.heartbeat import read_heartbeat
 from dicom_node.receive import ReceiverStats
 from dicom_node.retention import RetentionStats
+from dicom_node.slots import SlotPool
 from dicom_node.store import JobState, JobStore, OpsStats
 
 __all__ = ["INFERENCE_BUCKETS", "NodeCollector", "NodeSources", "render_metrics"]
@@ -47,6 +48,7 @@ class NodeSources:
     retention: RetentionStats | None = None
     heartbeat_file: Path | None = None
     free_bytes: Callable[[], int] | None = None
+    slots: SlotPool | None = None
 
 
 def _histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:
@@ -112,6 +114,18 @@ class NodeCollector(Collector):
             ret.add_metric(["spool"], spool)
             ret.add_metric(["outputs"], outputs)
             yield ret
+        if s.slots is not None:
+            ready, unsettled, received, spilled = s.slots.snapshot()
+            yield GaugeMetricFamily("spinemed_receive_slots_ready", "Receive slots written ahead and ready",
+                                    value=ready)
+            yield GaugeMetricFamily("spinemed_receive_slots_unsettled",
+                                    "Instances acknowledged in a slot, not yet at their spool path", value=unsettled)
+            yield CounterMetricFamily("spinemed_instances_received_in_slots",
+                                      "Instances received into a receive slot (the rest: no slot was ready)",
+                                      value=received)
+            yield CounterMetricFamily("spinemed_instances_spilled",
+                                      "Instances larger than a receive slot, moved into a file of their own",
+                                      value=spilled)
         if s.free_bytes is not None:
             yield GaugeMetricFamily("spinemed_spool_free_bytes", "Free bytes on the spool's file system",
                                     value=s.free_bytes())

@@ -41,7 +41,7 @@ class NodeOps:
         self.collector = NodeCollector(
             NodeSources(store=store, receiver=receiver.stats, gate=receiver.gate.stats,
                         retention=self.retention.stats, heartbeat_file=heartbeat_path(config.node.data_dir),
-                        free_bytes=receiver.spool.free_bytes),
+                        free_bytes=receiver.spool.free_bytes, slots=receiver.spool.pool),
             store_cache_s=config.http.ready_cache_s,
         )
         self.http: HttpServer | None = None

@@ -1,10 +1,12 @@
 """The receiving service: C-ECHO and C-STORE on the node's listener.
 
-The C-STORE path does no slow work.  Data set fragments are written to the spool's ``.incoming/`` as
-they arrive; once the data set is complete it is checked (decodable, UIDs as in the request), fsynced
-and linked into place — and only then is Success answered.  The spool file is the durable record: the
-job store and the audit trail are written from it by the indexer in batches (group commit,
-:mod:`dicom_node.indexer`), and reconciled from the spool after a crash.  Anything that cannot be
+The C-STORE path does no slow work.  Data set fragments are written to a receive slot
+(:mod:`dicom_node.slots`) or the spool's ``.incoming/`` as they arrive; once the data set is complete
+it is checked (decodable, UIDs as in the request) and made durable — one flush of its slot, or fsynced
+and linked into place — and only then is Success answered.  Once its spool file is in place the job
+store and the audit trail are written from it by the indexer in batches (group commit,
+:mod:`dicom_node.indexer`); after a crash, unsettled slots are settled and the spool reconciled with
+the job store.  Anything that cannot be
 stored durably is refused with a failure status, so the sender keeps its copy and retries.  The
 protocol side is :mod:`dicom_node.listener`.
 """
@@ -16,7 +18,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.filereader import read_partial
 
@@ -36,7 +37,8 @@ from dicom_node.net import (
     STATUS_SUCCESS,
     storage_contexts,
 )
-from dicom_node.spool import Spool, SpoolFile, part10_header
+from dicom_node.slots import SlotSink
+from dicom_node.spool import Incoming, Spool, SpoolFile, Stored, part10_header
 from dicom_node.store import JobStore
 from dicom_node.tls import server_context
 
@@ -81,9 +83,9 @@ def _past_series_uid(tag: int, vr: str | None, length: int) -> bool:
     return tag > 0x0020000E
 
 
-def _read_header(path: Path) -> HeaderFields:
+def _read_header(sink: Incoming) -> HeaderFields:
     """The listener's attributes read by pydicom, up to Series Instance UID (the rest is read later)."""
-    with path.open("rb") as fp:
+    with sink.open() as fp:
         return HeaderFields.from_dataset(read_partial(fp, stop_when=_past_series_uid))
 
 
@@ -101,7 +103,8 @@ class Receiver:
     def __init__(self, config: NodeConfig, store: JobStore) -> None:
         self.config = config
         self.store = store
-        self.spool = Spool(config.spool_dir)
+        self.spool = Spool(config.spool_dir, slots=config.node.receive_slots,
+                           keep_free_bytes=config.node.min_free_disk_mb << 20)
         self.stats = ReceiverStats()
         # operations: audit trail, association gate (source addresses, low disk), DICOM TLS
         self.audit = open_audit(config)
@@ -173,14 +176,14 @@ class Receiver:
     def _store(self, info: AssociationInfo, request: StoreRequest, sink: DatasetSink) -> tuple[int, str]:
         """Check, sync, record: ``(status, hashed study UID for the audit trail)``."""
         calling = info.calling_ae
-        if not isinstance(sink, SpoolFile):
+        if not isinstance(sink, (SlotSink, SpoolFile)):
             log.error("instance refused: spool disk below min_free_disk_mb or not writable", calling_ae=calling)
             return self._refuse(STATUS_OUT_OF_RESOURCES), "not read (refused before its data set)"
         fields = scan_header(bytes(sink.head[_meta_length(sink.head) :]), request.transfer_syntax)
         if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it,
             sink.start_sync(self._sync_pool)  # ~1 ms, while the fsync runs in the pool
             try:
-                fields = _read_header(sink.path)
+                fields = _read_header(sink)
             except Exception as exc:  # peer data: any decoding failure is refused with 0xC000, never raised
                 log.warning(
                     "instance refused: cannot decode dataset",
@@ -196,28 +199,33 @@ class Receiver:
             log.warning("instance refused: dataset UIDs differ from the C-STORE request", calling_ae=calling,
                         sop=phi_hash(fields.sop_instance_uid))
             return self._refuse(STATUS_DATASET_MISMATCH), study
-        size = sink.size
+        received_at = time.time()
+
+        def index(stored: Stored) -> None:
+            # the spool file is in place and durable: the job store and the audit trail follow in the indexer's
+            # next batch.  A resend is submitted too: it is audited, and recorded if a crash came between its
+            # first copy and the index
+            self.indexer.submit(
+                instance_record(fields, stored.path, request.transfer_syntax, stored.size, calling, received_at),
+                calling_ae=calling,
+                peer_ip=info.peer_ip,
+                study=study,
+                sop=phi_hash(fields.sop_instance_uid),
+            )
+
         try:
-            path, fresh = self.spool.commit(sink, fields.study_instance_uid, fields.sop_instance_uid)
+            stored = self.spool.commit(sink, fields.study_instance_uid, fields.sop_instance_uid, index)
         except SpoolError as exc:
             log.error("instance refused: spool write failed", calling_ae=calling, detail=str(exc))
             return self._refuse(STATUS_OUT_OF_RESOURCES), study
-        # durable now: Success may go back; the job store and the audit trail follow in the indexer's next batch.
-        # A resend is submitted too: it is audited, and recorded if a crash came between its first copy and the index
-        self.stats.add(**({"stored": 1, "bytes": size} if fresh else {"duplicates": 1}))
-        self.indexer.submit(
-            instance_record(fields, path, request.transfer_syntax, size if fresh else path.stat().st_size, calling,
-                            time.time()),
-            calling_ae=calling,
-            peer_ip=info.peer_ip,
-            study=study,
-            sop=phi_hash(fields.sop_instance_uid),
-        )
+        # durable now: Success may go back
+        self.stats.add(**({"stored": 1, "bytes": stored.size} if stored.fresh else {"duplicates": 1}))
         return STATUS_SUCCESS, study
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
         """Recover what a crash left unrecorded, then listen in background threads; returns the bound port."""
+        self.spool.start()  # slots a crash left unsettled go to the spool first, then the job store learns of them
         reconcile(self.spool.root, self.store, self.audit)
         self.indexer.start()
         port = self.listener.start()
@@ -232,10 +240,12 @@ class Receiver:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every instance acknowledged so far is recorded in the job store."""
-        return self.indexer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        return self.spool.flush(timeout) and self.indexer.flush(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         self.listener.stop()
         self._sync_pool.shutdown(wait=True)
+        self.spool.close()  # hands the last settled instances to the indexer
         self.indexer.stop()
         self.audit.close()

@@ -4,13 +4,18 @@ Layout: ``<spool>/<study key>/<SOP Instance UID>.dcm`` where the study key is a 
 Instance UID (no identifiers in directory names).  A file is written to ``<spool>/.incoming/`` (as an
 unnamed ``O_TMPFILE`` inode where the file system supports it, else under a temporary name), fsynced,
 linked into place and the directory fsynced: a file in the spool is always complete.
+
+With receive slots on (the default, :mod:`dicom_node.slots`), an instance is received into a file
+written ahead of time, made durable with one data flush, and *settled* at its spool path by the
+pool's thread moments later; :meth:`Spool.commit` says when it is there.  Instances larger than a slot,
+and those that arrive while no slot is ready, take the direct path above.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -18,34 +23,18 @@ import struct
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.errors import SpoolError
+from dicom_node.fileio import fsync_dir, link, start_writeback
+from dicom_node.slots import Claims, SlotPool, SlotSink
 
-__all__ = ["Spool", "SpoolFile", "part10_header", "study_key"]
+__all__ = ["Incoming", "Spool", "SpoolFile", "Stored", "part10_header", "study_key"]
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
 
-def _writeback_function() -> Callable[[int, int, int], None]:
-    """Linux ``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing a range back to disk
-    without waiting — as PostgreSQL does with ``*_flush_after`` — so that the fsync before Success finds
-    most of an instance already on its way.  A no-op where the call does not exist."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd, offset, n: None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-
-    def start_writeback(fd: int, offset: int, n: int) -> None:
-        call(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE; a failure here only loses the head start: fsync decides
-
-    return start_writeback
-
-
-_start_writeback = _writeback_function()
 _SHORT = struct.Struct("<HH2sH")
 _LONG = struct.Struct("<HH2sxxI")
 
@@ -93,10 +82,35 @@ def study_key(study_uid: str) -> str:
     return hashlib.sha256(study_uid.encode()).hexdigest()[:24]
 
 
-class Spool:
-    """Durable, atomic storage of received instances."""
+@dataclass(frozen=True)
+class Stored:
+    """Where an acknowledged instance is kept: ``fresh`` is ``False`` for a resend of one we hold (its
+    first copy is kept, and ``size`` is that copy's)."""
 
-    def __init__(self, root: str | Path) -> None:
+    path: Path
+    fresh: bool
+    size: int
+
+
+def _nothing(stored: Stored) -> None:
+    return None
+
+
+class Spool:
+    """Durable, atomic storage of received instances.
+
+    Parameters
+    ----------
+    root
+        The spool directory.
+    slots
+        How many receive slots (:mod:`dicom_node.slots`, 1 MiB of disk each) to keep ready; 0 writes every
+        instance straight to its spool file.
+    keep_free_bytes
+        The low-disk threshold; slots are written only while twice this much stays free.
+    """
+
+    def __init__(self, root: str | Path, slots: int = 0, keep_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
@@ -104,14 +118,50 @@ class Spool:
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
         self._anonymous = hasattr(os, "O_TMPFILE")
+        self.claims = Claims()
+        self.pool: SlotPool | None = None
+        if slots > 0:
+            self.pool = SlotPool(self.root / ".slots", self.root, slots, self.claims, self.begin_file, self.free_bytes,
+                                 keep_free_bytes)
+
+    def start(self) -> int:
+        """Settle the slots of instances acknowledged before a crash, write the missing slots, start the
+        pool's thread; returns how many instances a crash had left unsettled."""
+        if self.pool is None:
+            return 0
+        recovered = self.pool.recover()
+        self.pool.start()
+        return recovered
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every instance acknowledged so far is at its spool path; ``False`` on timeout."""
+        return self.pool is None or self.pool.flush(timeout)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         if not _UID.match(sop_instance_uid):
             raise SpoolError(f"sop_instance_uid: not a valid UID: {sop_instance_uid!r}")
         return self.root / study_key(study_uid) / f"{sop_instance_uid}.dcm"
 
-    def begin(self) -> SpoolFile:
-        """Start receiving one instance: its bytes go to ``.incoming/`` as they arrive.
+    def begin(self) -> Incoming:
+        """Start receiving one instance: in a receive slot if one is ready, else in ``.incoming/``.
+
+        Raises
+        ------
+        SpoolError
+            The file cannot be created.
+        """
+        if self.pool is not None:
+            sink = self.pool.begin()
+            if sink is not None:
+                return sink
+        return self.begin_file()
+
+    def begin_file(self) -> SpoolFile:
+        """A new file in ``.incoming/``, to be linked into place by :meth:`commit`.
 
         Raises
         ------
@@ -132,12 +182,14 @@ class Spool:
             raise SpoolError(f"cannot write instance to spool {self.root}: {exc.strerror or exc}") from exc
         return SpoolFile(tmp, fd)
 
-    def commit(self, incoming: SpoolFile, study_uid: str, sop_instance_uid: str) -> tuple[Path, bool]:
-        """Make ``incoming`` durable under its final name: ``(path, fresh)``.
+    def commit(self, incoming: Incoming, study_uid: str, sop_instance_uid: str,
+               on_stored: Callable[[Stored], None] = _nothing) -> Stored:
+        """Make ``incoming`` durable (Success may follow); ``on_stored`` is called once its spool file is
+        in place and durable — before this returns, or from the slot pool's thread moments later.
 
-        ``fresh`` is ``False`` for a resend of an instance we hold: the first copy is kept (the job
-        store counts the resend as a duplicate; replacing the bytes would change an instance already
-        received and analysed) and ``incoming`` is discarded.
+        A resend of an instance we hold is not stored again: the first copy is kept (the job store counts
+        the resend as a duplicate; replacing the bytes would change an instance already received and
+        analysed) and ``incoming`` is discarded.
 
         Raises
         ------
@@ -145,68 +197,74 @@ class Spool:
             The bytes could not be synced or linked (disk full, I/O error).
         """
         final = self.path_for(study_uid, sop_instance_uid)
-        target = os.fspath(final)
+        claim = self.claims.claim(final)
+        if isinstance(claim, int):
+            incoming.discard()
+            stored = Stored(final, False, claim)
+            on_stored(stored)
+            return stored
+        stored = Stored(final, True, incoming.size)
         try:
-            if os.path.exists(target):
-                incoming.discard()
-                return final, False
+            if isinstance(incoming, SlotSink) and incoming.spilled is None:
+                incoming.pool.commit(incoming, final, lambda: on_stored(stored))
+                self.claims.settle(final, claim, True, stored.size, in_spool=False)
+                return stored
+            file = incoming.spilled if isinstance(incoming, SlotSink) else incoming
+            assert isinstance(file, SpoolFile)
+            fresh = self._commit_file(file, final)
+        except BaseException:
+            self.claims.settle(final, claim, False, 0)
+            incoming.discard()
+            raise
+        self.claims.settle(final, claim, True, stored.size)
+        if not fresh:  # placed there behind our back (not by a sender of ours): the file there is kept
+            stored = Stored(final, False, os.stat(final).st_size)
+        on_stored(stored)
+        return stored
+
+    def _commit_file(self, incoming: SpoolFile, final: Path) -> bool:
+        try:
             incoming.sync()
-            new_dir = False
             try:
-                try:
-                    _link(incoming.path, target)
-                except FileNotFoundError:  # the study's first instance: its directory does not exist yet
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    new_dir = True
-                    _link(incoming.path, target)
+                new_dir = self._place(incoming, final)
             except FileExistsError:
                 incoming.discard()
-                return final, False
+                return False
             incoming.discard()
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             if new_dir:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         except OSError as exc:
             incoming.discard()
             raise SpoolError(f"cannot write instance to spool {self.root}: {exc.strerror or exc}") from exc
-        return final, True
+        return True
+
+    def _place(self, incoming: SpoolFile, final: Path) -> bool:
+        """Link ``incoming`` to ``final``: whether the study's directory had to be created (FileExistsError
+        if ``final`` exists)."""
+        target = os.fspath(final)
+        try:
+            link(incoming.path, target)
+        except FileNotFoundError:  # the study's first instance: its directory does not exist yet
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            link(incoming.path, target)
+            return True
+        return False
 
     def write(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
-        """Write ``data`` (a whole Part 10 file) durably and return its final path.
+        """Write ``data`` (a whole Part 10 file) durably to its spool file and return its final path.
 
         Raises
         ------
         SpoolError
             The bytes could not be written and synced (disk full, I/O error).
         """
-        incoming = self.begin()
+        incoming = self.begin_file()
         incoming.write(data)
-        return self.commit(incoming, study_uid, sop_instance_uid)[0]
+        return self.commit(incoming, study_uid, sop_instance_uid).path
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
-
-
-_ANY_DIR_FD: int | None = None
-
-
-def _link(source: Path, target: str) -> None:
-    """Hard-link ``source`` to ``target``; never replaces (FileExistsError), so two concurrent sends of one
-    instance keep the first.  Passing a directory fd makes Python call ``linkat(..., AT_SYMLINK_FOLLOW)``,
-    which links an ``O_TMPFILE`` inode by its ``/proc/self/fd`` path.  The source is made absolute, so which
-    directory the fd names does not matter (one for the process); the target resolves as usual."""
-    global _ANY_DIR_FD
-    if _ANY_DIR_FD is None:
-        _ANY_DIR_FD = os.open("/", os.O_RDONLY)
-    os.link(os.path.abspath(source), target, src_dir_fd=_ANY_DIR_FD, follow_symlinks=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SpoolFile:
@@ -251,7 +309,7 @@ class SpoolFile:
                 view = view[n:]
                 self.size += n
             if self.size - self._written_back >= self.WRITEBACK_BYTES:
-                _start_writeback(self._fd, self._written_back, self.size - self._written_back)
+                start_writeback(self._fd, self._written_back, self.size - self._written_back)
                 self._written_back = self.size
         except OSError as exc:
             self.discard()
@@ -264,6 +322,15 @@ class SpoolFile:
         if self._named is not None:
             return self._named
         return Path(f"/proc/self/fd/{self._fd}")
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise OSError(f"{self.path}: already closed")
+        return self._fd
+
+    def open(self) -> io.BufferedReader:
+        """The bytes written so far, for reading the header with pydicom."""
+        return open(self.path, "rb")
 
     def sync(self) -> None:
         """Wait for the fsync started by :meth:`start_sync`, or fsync now (raises :class:`OSError`)."""
@@ -283,3 +350,7 @@ class SpoolFile:
             os.close(fd)
         if self._named is not None:
             self._named.unlink(missing_ok=True)
+
+
+#: An instance being received: into a receive slot, or into a file of its own.
+Incoming = SlotSink | SpoolFile

@@ -18,6 +18,9 @@ __all__ = ["free_port", "wait_port"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every node a test starts writes its receive slots (1 MiB each) before it listens: 16 keep the slot path
+# exercised without writing the production default's 512 MiB for each of them.
+os.environ.setdefault("SPINEMED_NODE__RECEIVE_SLOTS", "16")
 
 
 def require_tool(name: str) -> str:

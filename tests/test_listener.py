@@ -129,9 +129,11 @@ def test_part10_header_rejects_invalid_uids(bad: str) -> None:
 
 # ------------------------------------------------------------------------------------------ live listener
 @pytest.fixture
-def live(tmp_path: Path) -> ReceivingNode:
+def live(tmp_path: Path, request: pytest.FixtureRequest) -> ReceivingNode:
+    """A listening node; ``indirect`` parametrisation sets its ``receive_slots`` (0: none)."""
     cfg = load_config(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "node", "min_free_disk_mb": 0,
-                            "max_associations": 2, "network_timeout_s": 1.0, "acse_timeout_s": 1.0},
+                            "max_associations": 2, "network_timeout_s": 1.0, "acse_timeout_s": 1.0,
+                            "receive_slots": getattr(request, "param", 64)},
                       completeness={"quiet_seconds": 60})
     n = ReceivingNode(cfg)
     n.receiver.start()
@@ -261,7 +263,9 @@ def test_silent_peer_is_aborted_after_the_network_timeout(live: ReceivingNode) -
     assert 0.8 < time.monotonic() - t0 < 5
 
 
+@pytest.mark.parametrize("live", [64, 0], indirect=True, ids=["slots", "direct"])
 def test_abort_in_the_middle_of_a_data_set_leaves_nothing(live: ReceivingNode) -> None:
+    pool = live.receiver.spool.pool
     sock = _raw_associate(live.receiver.port)
     command = _store_rq(1, CTImageStorage, "1.2.3.4")
     sock.sendall(p_data_pdu(1, 0x03, command))
@@ -280,17 +284,24 @@ def test_abort_in_the_middle_of_a_data_set_leaves_nothing(live: ReceivingNode) -
                 out.append(target)
         return out
 
+    def writing() -> bool:
+        return pool.writing > 0 if pool is not None else bool(open_incoming())
+
     deadline = time.monotonic() + 5
-    while not open_incoming():
+    while not writing():
         assert time.monotonic() < deadline, "the partial data set is being written"
         time.sleep(0.02)
     sock.sendall(bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0)))  # A-ABORT from the peer
     sock.close()
     deadline = time.monotonic() + 5
-    while open_incoming() or list(Path(incoming).iterdir()):
-        assert time.monotonic() < deadline, "partial file closed and removed"
+    while writing() or open_incoming() or list(Path(incoming).iterdir()):
+        assert time.monotonic() < deadline, "partial file closed and removed, or its slot given back"
         time.sleep(0.05)
+    assert live.receiver.flush()
     assert live.store.jobs() == []
+    assert [p for p in live.config.spool_dir.iterdir() if not p.name.startswith(".")] == []
+    if pool is not None:
+        assert (pool.stats.received, pool.ready) == (0, 64), "the slot is ready for the next instance"
 
 
 def test_reconcile_records_acknowledged_instances_a_crash_left_unrecorded(tmp_path: Path) -> None:

@@ -90,7 +90,8 @@ def test_metrics(running: Running) -> None:
                  "spinemed_queue_depth 0.0", "spinemed_inference_seconds_count 1.0",
                  'spinemed_inference_seconds_bucket{le="+Inf"} 1.0', "spinemed_export_delivered_total 3.0",
                  "spinemed_export_failures_total 0.0", "spinemed_worker_model_loaded 1.0",
-                 "spinemed_associations_accepted_total"):
+                 "spinemed_associations_accepted_total", f"spinemed_instances_received_in_slots_total {float(n)}",
+                 "spinemed_receive_slots_unsettled 0.0", "spinemed_instances_spilled_total 0.0"):
         assert line in text, line
     assert running.study.study_instance_uid not in text
 
