@@ -33,8 +33,11 @@ Trailer format (little endian, the last 512 bytes of a slot)::
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import os
+import socket
 import struct
 import threading
 import time
@@ -319,6 +322,10 @@ def read_trailer(fd: int) -> tuple[int, str] | None:
 class SlotPool:
     """The slots in ``<spool>/.slots/``, the thread that settles and writes them, and recovery.
 
+    The slots of one host live in ``directory/<host name>/``, held under an exclusive lock while the pool
+    is open: receivers of several hosts may share a spool (``docs/scaling.md``), and each settles only its
+    own slots after a crash.
+
     Parameters
     ----------
     directory
@@ -342,13 +349,15 @@ class SlotPool:
     ------
     ValueError
         ``slots`` below 1.
+    SpoolError
+        (from :meth:`recover`) Another process holds this host's slots.
     """
 
     def __init__(self, directory: Path, spool_root: Path, slots: int, claims: Claims,
                  spill_file: Callable[[], SpilledFile], free_bytes: Callable[[], int], keep_free_bytes: int) -> None:
         if slots < 1:
             raise ValueError(f"slots: must be at least 1, got {slots}")
-        self.directory = directory
+        self.directory = directory / (socket.gethostname() or "localhost")
         self.spool_root = spool_root
         self.slots = slots
         self.claims = claims
@@ -367,15 +376,35 @@ class SlotPool:
         self._flushers = 0
         self._stop = False
         self._thread: threading.Thread | None = None
-        directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ start, recovery, stop
+    def _lock(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory.parent / f"{self.directory.name}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise SpoolError(f"receive slots {self.directory} are in use by another process on this host "
+                                 "(one receiver per data_dir and host)") from exc
+            raise
+        self._lock_fd = fd
+
     def recover(self) -> int:
         """Settle every acknowledged slot a crash left unsettled, and take the others as ready.
 
         Call before the listener starts.  Returns the number of instances put in the spool (the caller's
         reconcile then records them in the job store).
+
+        Raises
+        ------
+        SpoolError
+            Another process holds this host's slots.
         """
+        if self._lock_fd is None:
+            self._lock()
         recovered = 0
         acknowledged: list[_Acknowledged] = []
         for path in sorted(self.directory.iterdir()):
@@ -451,6 +480,9 @@ class SlotPool:
             log.error("receive slots closed with instances not settled; settled at the next start", instances=left)
         for slot in ready:
             os.close(slot.fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def snapshot(self) -> tuple[int, int, int, int]:
         """``(ready, unsettled, received, spilled)`` at one instant, for the metrics."""
@@ -494,9 +526,11 @@ class SlotPool:
             self.stats.spilled += spilled
             self._ready.append(slot)
 
-    def commit(self, sink: SlotSink, target: Path, on_stored: Callable[[], None]) -> None:
-        """Make ``sink``'s instance durable (Success may follow); ``on_stored`` is called from the pool's
-        thread once its spool file at ``target`` is settled and durable.
+    def commit(self, sink: SlotSink, target: Path, on_durable: Callable[[], None],
+               on_stored: Callable[[], None]) -> None:
+        """Make ``sink``'s instance durable (Success may follow).  ``on_durable`` is called once it is, before
+        the pool's thread can see it; ``on_stored`` from that thread once its spool file at ``target`` is
+        settled and durable.
 
         Raises
         ------
@@ -523,6 +557,7 @@ class SlotPool:
             log.error("receive slot flush failed; slot removed", detail=exc.strerror or str(exc))
             raise SpoolError(f"cannot flush instance to spool: {exc.strerror or exc}") from exc
         sink.slot = None
+        on_durable()
         with self._cond:
             self._held -= 1
             self._queue.append(_Acknowledged(slot, sink.size, target, on_stored))
@@ -630,6 +665,7 @@ class SlotPool:
             os.fsync(ack.slot.fd)
         for ack in batch:  # 3. the slot's name goes; the spool file stays
             ack.slot.path.unlink(missing_ok=True)
+        for ack in batch:  # only once nothing can fail: a failed batch is retried whole
             os.close(ack.slot.fd)
         for ack in batch:
             self.claims.release(ack.target)

@@ -206,8 +206,9 @@ class Spool:
         stored = Stored(final, True, incoming.size)
         try:
             if isinstance(incoming, SlotSink) and incoming.spilled is None:
-                incoming.pool.commit(incoming, final, lambda: on_stored(stored))
-                self.claims.settle(final, claim, True, stored.size, in_spool=False)
+                incoming.pool.commit(incoming, final,
+                                     lambda: self.claims.settle(final, claim, True, stored.size, in_spool=False),
+                                     lambda: on_stored(stored))
                 return stored
             file = incoming.spilled if isinstance(incoming, SlotSink) else incoming
             assert isinstance(file, SpoolFile)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -42,8 +43,12 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
     s.close()
 
 
+def _slots_dir(spool_root: Path) -> Path:
+    return spool_root / ".slots" / socket.gethostname()
+
+
 def _slot_names(spool: Spool) -> list[str]:
-    return sorted(p.name for p in (spool.root / ".slots").iterdir())
+    return sorted(p.name for p in _slots_dir(spool.root).iterdir())
 
 
 def test_instance_in_a_slot_becomes_its_spool_file_without_a_copy(spool: Spool) -> None:
@@ -165,6 +170,15 @@ def test_a_failed_flush_refuses_the_instance_and_removes_its_slot(spool: Spool,
     assert stored.fresh
 
 
+def test_one_process_at_a_time_holds_a_hosts_slots(spool: Spool, tmp_path: Path) -> None:
+    second = Spool(spool.root, slots=4)
+    with pytest.raises(SpoolError, match="in use by another process"):
+        second.start()
+    spool.close()
+    assert second.start() == 0, "free once the first is closed"
+    second.close()
+
+
 # ------------------------------------------------------------------------------------------ crash recovery
 _CRASH = """
 import os, sys
@@ -201,7 +215,7 @@ def _expected(i: int, size: int = 200_000) -> bytes:
 
 def test_acknowledged_slots_a_crash_left_are_settled_at_the_next_start(tmp_path: Path) -> None:
     root = _crashed_spool(tmp_path)
-    pending = [p for p in (root / ".slots").iterdir() if _trailer_of(p) is not None]
+    pending = [p for p in _slots_dir(root).iterdir() if _trailer_of(p) is not None]
     assert len(pending) == 3, "the crash came before settling"
     s = Spool(root, slots=4)
     assert s.start() == 3
@@ -209,16 +223,18 @@ def test_acknowledged_slots_a_crash_left_are_settled_at_the_next_start(tmp_path:
         for i in range(3):
             assert s.path_for(STUDY, f"1.2.3.{i}").read_bytes() == _expected(i)
         assert s.pool is not None and s.pool.ready == 4
-        assert Spool(root, slots=4).start() == 0, "idempotent"
     finally:
         s.close()
+    again = Spool(root, slots=4)
+    assert again.start() == 0, "nothing left to settle"
+    again.close()
 
 
 @pytest.mark.parametrize("state", ["linked", "linked and truncated", "torn"])
 def test_every_half_settled_state_is_finished(tmp_path: Path, state: str) -> None:
     root = _crashed_spool(tmp_path)
     found: dict[Path, tuple[int, int, str]] = {}
-    for p in sorted((root / ".slots").iterdir()):
+    for p in sorted(_slots_dir(root).iterdir()):
         fd = os.open(p, os.O_RDWR)
         trailer = read_trailer(fd)
         if trailer is None:
@@ -247,8 +263,8 @@ def test_every_half_settled_state_is_finished(tmp_path: Path, state: str) -> Non
             assert spool_file.read_bytes() == _expected(index)
             assert spool_file.stat().st_nlink == 1, "the slot's own name is gone"
         assert s.pool is not None and s.pool.ready == 4
-        assert all(p.name.startswith("slot-") for p in (root / ".slots").iterdir())
-        assert all(os.stat(p).st_size == SLOT_BYTES for p in (root / ".slots").iterdir())
+        assert all(p.name.startswith("slot-") for p in _slots_dir(root).iterdir())
+        assert all(os.stat(p).st_size == SLOT_BYTES for p in _slots_dir(root).iterdir())
     finally:
         s.close()
         for fd, *_ in found.values():
