@@ -73,20 +73,38 @@ def node_toml(data_dir: Path, port: int, extra: str = "") -> str:
 
 
 @contextmanager
+def carried_slots(tmp: Path, data: Path) -> Iterator[None]:
+    """Hand a fresh node the receive slots (``node.receive_slots``, 1 MiB each) of the node before it, as a
+    node that keeps running keeps its own.  Otherwise each fresh data directory would first write its 512
+    slots, which an installation does once.  The node still writes, before it listens, the slots the node
+    before it used up."""
+    cache, slots = tmp / "slot-pool", data / "spool" / ".slots"
+    if cache.is_dir():
+        slots.parent.mkdir(parents=True, exist_ok=True)
+        cache.rename(slots)
+    try:
+        yield
+    finally:  # the node has stopped: its slots are closed
+        if slots.is_dir() and not cache.exists():
+            slots.rename(cache)
+
+
+@contextmanager
 def node_receiver(tmp: Path, extra: str = "") -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
     port = free_port()
     data = tmp / f"node-{port}"
     cfg = tmp / f"node-{port}.toml"
     cfg.write_text(node_toml(data, port, extra))
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "--log-level", "WARNING", "receive", "--config",
-                             str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    try:
-        wait_port(port)
-        yield port, proc, data
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        shutil.rmtree(data, ignore_errors=True)
+    with carried_slots(tmp, data):
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "--log-level", "WARNING", "receive",
+                                 "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        try:
+            wait_port(port, timeout=120)
+            yield port, proc, data
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def send(port: int, paths: Sequence[Path], associations: int = 1) -> float:
@@ -192,6 +210,8 @@ def run_overhead(tmp: Path, paths: Sequence[Path], associations: int = 1) -> dic
             worker={"poll_interval_s": 0.02},
             output={"key_image": True},
         )
+        slots = carried_slots(tmp, data)
+        slots.__enter__()
         node = ReceivingNode(cfg)
         port = node.start()
         store = SQLiteJobStore(cfg.db_path)
@@ -235,6 +255,7 @@ def run_overhead(tmp: Path, paths: Sequence[Path], associations: int = 1) -> dic
             th.join(timeout=30)
             node.stop()
             store.close()
+            slots.__exit__(None, None, None)
             shutil.rmtree(data, ignore_errors=True)
     return out
 
