@@ -3,8 +3,8 @@
 Making a new spool file durable costs the file system two metadata commits — the new inode with its
 blocks, then its directory entry — each with a cache flush.  On a 512² CT slice that was most of the
 time between the last fragment and the Success (``benchmarks/README.md``).  A *slot* is a file in
-``<spool>/.slots/`` whose blocks were written (with zeros) and synced ahead of time, while the node
-was idle.  An instance is received into a slot; then a *trailer* at the end of the slot — its length,
+``<spool>/.slots/<host name>/`` whose blocks were written (with zeros) and synced ahead of time, while
+the node was idle.  An instance is received into a slot; then a *trailer* at the end of the slot — its length,
 checksum and spool path — is written, and one ``fdatasync`` makes both durable.  Overwriting blocks
 that are already allocated and written needs no metadata commit, only the data and one cache flush.
 
@@ -37,6 +37,7 @@ import errno
 import fcntl
 import io
 import os
+import re
 import socket
 import struct
 import threading
@@ -62,6 +63,8 @@ SLOT_BYTES = 1 << 20
 TRAILER = 512
 CAPACITY = SLOT_BYTES - TRAILER
 MAGIC = b"SPMDSLT1"
+#: The only paths a trailer may name: ``<study key>/<SOP Instance UID>.dcm`` (:meth:`Spool.path_for`).
+_TARGET = re.compile(r"^[0-9a-f]{24}/[0-9.]{1,64}\.dcm$")
 _HEAD = struct.Struct("<8sQI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -316,11 +319,13 @@ def read_trailer(fd: int) -> tuple[int, str] | None:
         return None
     (n,) = _U16.unpack_from(raw, _HEAD.size)
     target = raw[_HEAD.size + 2 : _HEAD.size + 2 + n].decode("ascii", "replace")
+    if not _TARGET.match(target):  # never a path outside the spool's layout, whatever the disk says
+        return None
     return (length, target) if zlib.crc32(os.pread(fd, length, 0)) == crc else None
 
 
 class SlotPool:
-    """The slots in ``<spool>/.slots/``, the thread that settles and writes them, and recovery.
+    """A host's receive slots, the thread that settles and writes them, and their recovery.
 
     The slots of one host live in ``directory/<host name>/``, held under an exclusive lock while the pool
     is open: receivers of several hosts may share a spool (``docs/scaling.md``), and each settles only its

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 import dicom_node.slots as slots_module
 from dicom_node.errors import SpoolError
-from dicom_node.slots import CAPACITY, SLOT_BYTES, SlotSink, read_trailer
+from dicom_node.slots import CAPACITY, SLOT_BYTES, SlotSink, read_trailer, trailer
 from dicom_node.spool import Spool, SpoolFile, Stored, study_key
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -269,3 +270,22 @@ def test_every_half_settled_state_is_finished(tmp_path: Path, state: str) -> Non
         s.close()
         for fd, *_ in found.values():
             os.close(fd)
+
+
+def test_a_trailer_naming_a_path_outside_the_spool_layout_is_never_followed(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", slots=2)
+    s.start()
+    s.close()
+    slot = sorted(_slots_dir(s.root).iterdir())[0]
+    data = _payload(1000)
+    fd = os.open(slot, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.pwrite(fd, trailer(len(data), zlib.crc32(data), "../../escaped.dcm"), CAPACITY)
+        assert read_trailer(fd) is None
+    finally:
+        os.close(fd)
+    again = Spool(s.root, slots=2)
+    assert again.start() == 0
+    again.close()
+    assert not (tmp_path / "escaped.dcm").exists() and not (tmp_path.parent / "escaped.dcm").exists()
