@@ -14,7 +14,6 @@ If the job store is unavailable, batches are retried with backoff and nothing is
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from pydicom import dcmread
 
 from dicom_node.audit import AuditTrail
+from dicom_node.batching import BatchThread
 from dicom_node.errors import StoreError
 from dicom_node.header import HeaderFields
 from dicom_node.log import get_logger, phi_hash
@@ -46,7 +46,7 @@ class _Pending:
     audit: dict[str, Any]
 
 
-class InstanceIndexer:
+class InstanceIndexer(BatchThread):
     """Background group commit of received instances into the job store and the audit trail.
 
     Parameters
@@ -58,22 +58,16 @@ class InstanceIndexer:
     """
 
     def __init__(self, store: JobStore, audit: AuditTrail) -> None:
+        super().__init__("instance-indexer")
         self.store = store
         self.audit = audit
         self.batches = 0
         self.recorded = 0
         self.failures = 0
-        self._cond = threading.Condition()
         self._queue: list[_Pending] = []
-        self._submitted = 0
-        self._done = 0
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="instance-indexer", daemon=True)
-        self._thread.start()
+        self._start_thread()
 
     def submit(self, record: InstanceRecord, **audit_fields: Any) -> None:
         """Queue one acknowledged instance (its spool file is already durable)."""
@@ -83,33 +77,9 @@ class InstanceIndexer:
             if len(self._queue) == 1 or len(self._queue) >= _MAX_BATCH:
                 self._cond.notify_all()
 
-    @property
-    def backlog(self) -> int:
-        """Instances acknowledged but not yet recorded."""
-        with self._cond:
-            return self._submitted - self._done
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything submitted so far is recorded; ``False`` on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            target = self._submitted
-            while self._done < target:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
-                    return False
-                self._cond.wait(left)
-        return True
-
     def stop(self, timeout: float = 30.0) -> None:
         """Record what is queued (up to ``timeout``), then stop."""
-        self.flush(timeout)
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._stop_thread(timeout)
         if self._queue:
             log.error("indexer stopped with instances not recorded; they are recovered at the next start",
                       instances=len(self._queue))
@@ -123,7 +93,7 @@ class InstanceIndexer:
                 if self._stop and not self._queue:
                     return
                 deadline = time.monotonic() + BATCH_WINDOW_S
-                while len(self._queue) < _MAX_BATCH and not self._stop:
+                while len(self._queue) < _MAX_BATCH and not self._stop and not self._flushers:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break

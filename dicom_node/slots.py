@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dicom_node.batching import BatchThread
 from dicom_node.errors import SpoolError
 from dicom_node.fileio import copy_range, fdatasync, fsync_dir, link, start_writeback
 from dicom_node.log import get_logger
@@ -324,7 +325,7 @@ def read_trailer(fd: int) -> tuple[int, str] | None:
     return (length, target) if zlib.crc32(os.pread(fd, length, 0)) == crc else None
 
 
-class SlotPool:
+class SlotPool(BatchThread):
     """A host's receive slots, the thread that settles and writes them, and their recovery.
 
     The slots of one host live in ``directory/<host name>/``, held under an exclusive lock while the pool
@@ -362,6 +363,7 @@ class SlotPool:
                  spill_file: Callable[[], SpilledFile], free_bytes: Callable[[], int], keep_free_bytes: int) -> None:
         if slots < 1:
             raise ValueError(f"slots: must be at least 1, got {slots}")
+        super().__init__("receive-slots")
         self.directory = directory / (socket.gethostname() or "localhost")
         self.spool_root = spool_root
         self.slots = slots
@@ -371,16 +373,10 @@ class SlotPool:
         self._free_bytes = free_bytes
         self._keep_free = keep_free_bytes
         self._no_room_until = 0.0
-        self._cond = threading.Condition()
         self._ready: list[_Slot] = []
         self._held = 0
         self._queue: list[_Acknowledged] = []
         self._last_received = 0.0
-        self._submitted = 0
-        self._done = 0
-        self._flushers = 0
-        self._stop = False
-        self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ start, recovery, stop
@@ -448,36 +444,11 @@ class SlotPool:
                 log.warning("disk space low: fewer receive slots than configured", ready=len(self._ready),
                             configured=self.slots)
                 break
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="receive-slots", daemon=True)
-        self._thread.start()
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every instance acknowledged so far is settled and handed on; ``False`` on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            target = self._submitted
-            self._flushers += 1
-            self._cond.notify_all()
-            try:
-                while self._done < target:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._thread is None:
-                        return False
-                    self._cond.wait(left)
-            finally:
-                self._flushers -= 1
-        return True
+        self._start_thread()
 
     def close(self, timeout: float = 30.0) -> None:
         """Settle what is acknowledged (up to ``timeout``), stop, and close the ready slots (kept on disk)."""
-        self.flush(timeout)
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._stop_thread(timeout)
         with self._cond:
             left = len(self._queue)
             ready, self._ready = self._ready, []
@@ -504,12 +475,6 @@ class SlotPool:
         """Slots an instance is being received into right now."""
         with self._cond:
             return self._held
-
-    @property
-    def backlog(self) -> int:
-        """Instances acknowledged but not yet settled into the spool."""
-        with self._cond:
-            return self._submitted - self._done
 
     # ------------------------------------------------------------------ the receive path
     def begin(self) -> SlotSink | None:
