@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicom_node.net import free_port, wait_port  # re-exported: the tests import them from here
@@ -75,6 +76,20 @@ def start_storescp(tmp: Path, ae_title: str = "RESULTS", port: int | None = None
     )
     wait_port(port)
     return StoreSCP(ae_title, port, out, proc)
+
+
+@pytest.fixture()
+def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every file ``pydicom.dcmread`` is asked to read during the test, in order (it still reads them)."""
+    reads: list[object] = []
+    real = pydicom.dcmread
+
+    def counting(*args: object, **kwargs: object) -> pydicom.Dataset:
+        reads.append(args[0])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return reads
 
 
 @pytest.fixture

@@ -238,18 +238,11 @@ def test_non_uniform_run_uses_the_longest_even_part(phantom: list[Path]) -> None
         assert names == kept
 
 
-def test_headers_are_read_once(phantom: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_headers_are_read_once(phantom: list[Path], counted_reads: list[object]) -> None:
     study = load_study(phantom)
-    reads: list[object] = []
-    real = pydicom.dcmread
-
-    def counting(*args: object, **kwargs: object) -> pydicom.Dataset:
-        reads.append(args[0])
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pydicom, "dcmread", counting)
+    counted_reads.clear()
     _all(study)
-    assert reads == []  # no file's header read again, no pixel data decoded by pydicom
+    assert counted_reads == []  # no file's header read again, no pixel data decoded by pydicom
     assert study.header(study.series[0].instances[0]) is study.headers[study.series[0].instances[0].sop_instance_uid]
 
 

@@ -35,19 +35,6 @@ def _record(path: Path) -> InstanceRecord:
     )
 
 
-@pytest.fixture()
-def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    reads: list[object] = []
-    real = pydicom.dcmread
-
-    def counting(*args: object, **kwargs: object) -> pydicom.Dataset:
-        reads.append(args[0])
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pydicom, "dcmread", counting)
-    return reads
-
-
 def test_load_study_uses_known_headers(tmp_path: Path, counted_reads: list[object]) -> None:
     paths = list(synthetic.make_spine_ct(tmp_path, slices=10, size=64).paths)
     reference = load_study(paths)
