@@ -25,7 +25,11 @@ from sr_templates import OutputOptions, build_outputs  # noqa: E402
 
 
 def main() -> int:
-    tmp = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory(prefix="spinemed-docs-") as tmp_s:
+        return _render(Path(tmp_s))
+
+
+def _render(tmp: Path) -> int:
     case = lumbar_mr_case(tmp)
     outputs = build_outputs(case.study, case.findings, OutputOptions(key_image=True), created_at=CREATED_AT)
     sr, narrative, key = outputs
