@@ -5,6 +5,10 @@ Instance UID (no identifiers in directory names).  A file is written to ``<spool
 unnamed ``O_TMPFILE`` inode where the file system supports it, else under a temporary name), fsynced,
 linked into place and the directory fsynced: a file in the spool is always complete.
 
+A temporary name says which host and process wrote it (``<host>-<pid>-<random>.part``): receivers on
+several hosts may share one spool (``docs/scaling.md``), so a starting receiver removes only the leftovers
+of dead processes on its own host, never a file another receiver is still writing.
+
 With receive slots on (the default, :mod:`dicom_node.slots`), an instance is received into a file
 written ahead of time, made durable with one data flush, and *settled* at its spool path by the
 pool's thread moments later; :meth:`Spool.commit` says when it is there.  Instances larger than a slot,
@@ -19,7 +23,9 @@ import io
 import os
 import re
 import shutil
+import socket
 import struct
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
@@ -30,9 +36,47 @@ from dicom_node.errors import SpoolError
 from dicom_node.fileio import fsync_dir, link, start_writeback
 from dicom_node.slots import Claims, SlotPool, SlotSink
 
-__all__ = ["Incoming", "Spool", "SpoolFile", "Stored", "part10_header", "study_key"]
+__all__ = ["Incoming", "Spool", "SpoolFile", "Stored", "part10_header", "remove_dead_parts", "study_key"]
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
+_PART = re.compile(r"^(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{32}\.part$")
+#: a temporary file of an unknown layout (an older release) is removed once it is this old
+LEGACY_PART_AGE_S = 24 * 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_parts(directory: Path, host: str, now: float | None = None) -> int:
+    """Remove the temporary files in ``directory`` that no live writer holds; returns how many.
+
+    Such a file is from a crash before its link: never acknowledged, so safe to drop.  Files of other hosts
+    are kept (their receivers may be writing them; each host cleans its own), as are those of live processes
+    on this host; a name of no known layout is removed once older than :data:`LEGACY_PART_AGE_S`.
+    """
+    now = time.time() if now is None else now
+    removed = 0
+    for leftover in directory.iterdir():
+        m = _PART.match(leftover.name)
+        if m is not None:
+            if m["host"] != host or _alive(int(m["pid"])):
+                continue
+        else:
+            try:
+                if now - leftover.stat().st_mtime < LEGACY_PART_AGE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 _SHORT = struct.Struct("<HH2sH")
@@ -114,9 +158,8 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
-        # anything left here is from a crash before the link: never acknowledged, safe to drop
-        for leftover in self.incoming.iterdir():
-            leftover.unlink(missing_ok=True)
+        self._host = (socket.gethostname() or "localhost").replace("/", "_")
+        remove_dead_parts(self.incoming, self._host)
         self._anonymous = hasattr(os, "O_TMPFILE")
         self.claims = Claims()
         self.pool: SlotPool | None = None
@@ -175,7 +218,7 @@ class Spool:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise SpoolError(f"cannot write instance to spool {self.root}: {exc.strerror or exc}") from exc
                 self._anonymous = False  # this file system has no O_TMPFILE: named temporary files
-        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        tmp = self.incoming / f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
