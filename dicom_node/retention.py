@@ -118,20 +118,26 @@ class RetentionTask:
         return n_spool, n_out
 
     def _expire(self, job: Job, spool_due: bool, out_due: bool) -> tuple[int, int]:
+        # The files first, the state second: an instance is recorded in the same transaction that re-opens
+        # its study, so one recorded after this listing is not in it, and one recorded before it has
+        # changed the state read next.  (Read the other way round, a late instance recorded in between
+        # was deleted, though acknowledged and wanted by the re-opened study.)
+        instances = self.store.instances(job.study_instance_uid) if spool_due else []
+        outputs = self.store.outputs(job.study_instance_uid) if out_due else []
         current = self.store.get(job.id)  # read again: never delete for a study that is not final
         if current.state not in _SPOOL_STATES or current.updated_at != job.updated_at:
             return 0, 0
         n_spool = n_out = 0
         if spool_due:
             root = self.config.spool_dir
-            for rec in self.store.instances(job.study_instance_uid):
+            for rec in instances:
                 path = Path(rec.path)
                 if root in path.parents and _unlink(path):
                     n_spool += 1
                     _prune_dirs(path.parent, root)
         if out_due and current.state is JobState.DONE:
             root = self.config.outputs_dir
-            for o in self.store.outputs(job.study_instance_uid):
+            for o in outputs:
                 path = Path(o.path)
                 if root in path.parents and _unlink(path):
                     n_out += 1

@@ -332,6 +332,46 @@ def test_retention_deletes_files_of_finished_studies_only(tmp_path: Path) -> Non
         assert '"event":"retention_deleted"' in cfg.audit_path.read_text()
 
 
+def test_retention_never_deletes_a_late_instance_recorded_while_it_runs(tmp_path: Path) -> None:
+    """A late instance of a done study arrives and is recorded right after retention has read the study's
+    state as final: it re-opens the study, and its file must survive the pass that deletes the others."""
+    cfg = _config(tmp_path / "data", completeness={"quiet_seconds": 60, "force_seconds": 600},
+                  retention={"keep_spool_hours": 0, "keep_outputs_hours": 1, "check_interval_s": 3600})
+    with _node(cfg) as n:
+        st = make_lumbar_mr(tmp_path / "mr", slices=2, size=32, seed=4)
+        assert storescu(n.receiver.port, list(st.paths)).returncode == 0
+        assert n.receiver.flush(), "acknowledged instances recorded"
+        _drive(n, st.study_instance_uid, JobState.DONE, cfg.outputs_dir / "r" / "out.dcm")
+        first = [Path(r.path) for r in n.store.instances(st.study_instance_uid)]
+        late = _instance(st.study_instance_uid, generate_uid())
+
+        class LateArrival:  # the job store, with a late instance recorded just after the state is read
+            def __init__(self) -> None:
+                self.sent = False
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(n.store, name)
+
+            def get(self, job_id: int) -> Any:
+                job = n.store.get(job_id)
+                if not self.sent:
+                    self.sent = True
+                    assoc = _associate(n.receiver.port, [MRImageStorage])
+                    assert assoc.send_c_store(late).Status == 0x0000
+                    assoc.release()
+                    assert n.receiver.flush(), "the late instance recorded"
+                return job
+
+        store = LateArrival()
+        task = RetentionTask(cfg, store, n.receiver.audit)  # type: ignore[arg-type]
+        task.run_once(now=time.time() + 1)
+        assert store.sent
+        assert not any(p.exists() for p in first), "the finished revision's files are deleted"
+        recs = {r.sop_instance_uid: Path(r.path) for r in n.store.instances(st.study_instance_uid)}
+        assert recs[late.SOPInstanceUID].exists(), "the late instance is kept"
+        assert n.store.by_study(st.study_instance_uid).state is JobState.RECEIVING, "the study re-opened"
+
+
 # ---------------------------------------------------------------------------------------------- destination down
 @pytest.fixture(scope="module")
 def pipeline(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
