@@ -32,14 +32,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVE_STATES",
+    "JOB_COLUMNS",
     "Delivery",
     "InstanceRecord",
     "Job",
     "JobState",
     "JobStore",
+    "JobStoreReads",
     "OpsStats",
     "OutputRecord",
     "SQLiteJobStore",
+    "job_from_row",
     "open_store",
 ]
 
@@ -244,17 +247,20 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_study ON events(study_uid);
 """
 
-_JOB_COLUMNS = (
+JOB_COLUMNS = (
     "id, study_uid, state, revision, attempts, reason, source, instance_count, first_received_at, "
     "last_received_at, completed_at, created_at, updated_at, next_attempt_at, lease_owner, lease_until, "
     "pending_update, timings"
 )
 
 
-def _job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
+def job_from_row(row: Sequence[Any]) -> Job:
+    """A ``jobs`` row (:data:`JOB_COLUMNS`) as a :class:`Job`; ``timings`` is JSON text (SQLite) or already
+    decoded (PostgreSQL's ``jsonb``)."""
     r = tuple(row)
+    timings = json.loads(r[17]) if isinstance(r[17], str | bytes) else r[17]
     return Job(
-        id=r[0],
+        id=int(r[0]),
         study_instance_uid=r[1],
         state=JobState(r[2]),
         revision=r[3],
@@ -271,11 +277,77 @@ def _job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
         lease_owner=r[14],
         lease_until=r[15],
         pending_update=bool(r[16]),
-        timings=json.loads(r[17] or "{}"),
+        timings={str(k): float(v) for k, v in (timings or {}).items()},
     )
 
 
-class SQLiteJobStore:
+class JobStoreReads:
+    """The reading half of :class:`JobStore`, the same SQL for every driver.
+
+    A store implements :meth:`_rows` (``?`` marks each parameter; a driver with another style replaces it);
+    what needs a dialect of its own (``ops_stats``) and every write stay in the store.
+    """
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        return {str(s): int(n) for s, n in self._rows("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+    def get(self, job_id: int) -> Job:
+        rows = self._rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise JobNotFoundError(job_id)
+        return job_from_row(rows[0])
+
+    def by_study(self, study_uid: str) -> Job:
+        rows = self._rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE study_uid = ?", (study_uid,))
+        if not rows:
+            raise JobNotFoundError(study_uid)
+        return job_from_row(rows[0])
+
+    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id",
+                              tuple(str(s) for s in states))
+        else:
+            rows = self._rows(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id")
+        return [job_from_row(r) for r in rows]
+
+    def instances(self, study_uid: str) -> list[InstanceRecord]:
+        rows = self._rows("SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid",
+                          (study_uid,))
+        return [InstanceRecord(*r) for r in rows]
+
+    def outputs(self, study_uid: str, revision: int | None = None) -> list[OutputRecord]:
+        sql = ("SELECT sop_instance_uid, study_uid, revision, kind, sop_class_uid, path FROM outputs "
+               "WHERE study_uid = ?")
+        if revision is None:
+            rows = self._rows(sql + " ORDER BY revision, kind", (study_uid,))
+        else:
+            rows = self._rows(sql + " AND revision = ? ORDER BY kind", (study_uid, revision))
+        return [OutputRecord(*r) for r in rows]
+
+    def deliveries(self, study_uid: str, revision: int | None = None) -> list[Delivery]:
+        sql = (
+            "SELECT d.output_uid, d.destination, d.state, d.attempts, d.last_status, d.last_error, "
+            "d.next_attempt_at, d.delivered_at FROM deliveries d JOIN outputs o ON o.sop_instance_uid = d.output_uid "
+            "WHERE o.study_uid = ?"
+        )
+        args: tuple[Any, ...] = (study_uid,)
+        if revision is not None:
+            sql += " AND o.revision = ?"
+            args += (revision,)
+        return [Delivery(*r) for r in self._rows(sql + " ORDER BY d.output_uid, d.destination", args)]
+
+    def events(self, study_uid: str) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT at, from_state, to_state, detail FROM events WHERE study_uid = ? ORDER BY id",
+                          (study_uid,))
+        return [{"at": r[0], "from": r[1], "to": r[2], "detail": r[3]} for r in rows]
+
+
+class SQLiteJobStore(JobStoreReads):
     """:class:`JobStore` on one SQLite file (WAL, ``synchronous=FULL``), safe across threads and processes.
 
     Parameters
@@ -343,8 +415,8 @@ class SQLiteJobStore:
         )
 
     def _fetch_job(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> Job | None:
-        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {where}", args).fetchone()
-        return _job(row) if row else None
+        row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}", args).fetchone()
+        return job_from_row(row) if row else None
 
     # ------------------------------------------------------------------ receiving
     def record_instance(self, rec: InstanceRecord, *, source: str = "dicom") -> bool:
@@ -435,12 +507,12 @@ class SQLiteJobStore:
         done: list[Job] = []
         with self._tx() as db:
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? AND "
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = ? AND "
                 "(last_received_at <= ? OR first_received_at <= ?)",
                 (JobState.RECEIVING, now - quiet_s, now - force_s),
             ).fetchall()
             for row in rows:
-                job = _job(row)
+                job = job_from_row(row)
                 forced = job.first_received_at is not None and job.first_received_at <= now - force_s
                 if patterns and not forced:
                     descs = [
@@ -483,14 +555,14 @@ class SQLiteJobStore:
         """Lease the next job that has work: complete, exporting and due, or abandoned by a dead worker."""
         with self._tx() as db:
             row = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (lease_until IS NULL OR lease_until < ?) AND ("
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE (lease_until IS NULL OR lease_until < ?) AND ("
                 "state = ? OR state IN (?, ?) OR (state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
                 ") ORDER BY COALESCE(next_attempt_at, completed_at, created_at), id LIMIT 1",
                 (now, JobState.COMPLETE, JobState.INFERRING, JobState.REPORTING, JobState.EXPORTING, now),
             ).fetchone()
             if row is None:
                 return None
-            job = _job(row)
+            job = job_from_row(row)
             db.execute(
                 "UPDATE jobs SET lease_owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
                 (owner, now + lease_s, now, job.id),
@@ -646,85 +718,9 @@ class SQLiteJobStore:
             assert out is not None
             return out
 
-    # ------------------------------------------------------------------ reading
-    def get(self, job_id: int) -> Job:
-        job = self._fetch_job(self._conn(), "id = ?", (job_id,))
-        if job is None:
-            raise JobNotFoundError(job_id)
-        return job
-
-    def by_study(self, study_uid: str) -> Job:
-        job = self._fetch_job(self._conn(), "study_uid = ?", (study_uid,))
-        if job is None:
-            raise JobNotFoundError(study_uid)
-        return job
-
-    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]:
-        db = self._conn()
-        if states:
-            marks = ",".join("?" * len(states))
-            rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id", tuple(states)
-            )
-        else:
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id")
-        return [_job(r) for r in rows.fetchall()]
-
-    def instances(self, study_uid: str) -> list[InstanceRecord]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid",
-                (study_uid,),
-            )
-            .fetchall()
-        )
-        return [InstanceRecord(*r) for r in rows]
-
-    def outputs(self, study_uid: str, revision: int | None = None) -> list[OutputRecord]:
-        db = self._conn()
-        if revision is None:
-            rows = db.execute(
-                "SELECT sop_instance_uid, study_uid, revision, kind, sop_class_uid, path FROM outputs "
-                "WHERE study_uid = ? ORDER BY revision, kind",
-                (study_uid,),
-            )
-        else:
-            rows = db.execute(
-                "SELECT sop_instance_uid, study_uid, revision, kind, sop_class_uid, path FROM outputs "
-                "WHERE study_uid = ? AND revision = ? ORDER BY kind",
-                (study_uid, revision),
-            )
-        return [OutputRecord(*r) for r in rows.fetchall()]
-
-    def deliveries(self, study_uid: str, revision: int | None = None) -> list[Delivery]:
-        sql = (
-            "SELECT d.output_uid, d.destination, d.state, d.attempts, d.last_status, d.last_error, "
-            "d.next_attempt_at, d.delivered_at FROM deliveries d JOIN outputs o ON o.sop_instance_uid = d.output_uid "
-            "WHERE o.study_uid = ?"
-        )
-        args: tuple[Any, ...] = (study_uid,)
-        if revision is not None:
-            sql += " AND o.revision = ?"
-            args += (revision,)
-        return [
-            Delivery(*r) for r in self._conn().execute(sql + " ORDER BY d.output_uid, d.destination", args)
-        ]
-
-    def events(self, study_uid: str) -> list[dict[str, Any]]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT at, from_state, to_state, detail FROM events WHERE study_uid = ? ORDER BY id",
-                (study_uid,),
-            )
-            .fetchall()
-        )
-        return [{"at": r[0], "from": r[1], "to": r[2], "detail": r[3]} for r in rows]
-
-    def counts(self) -> dict[str, int]:
-        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {str(s): int(n) for s, n in rows}
+    # ------------------------------------------------------------------ reading (JobStoreReads)
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._conn().execute(sql, args).fetchall()]
 
     def ops_stats(self) -> OpsStats:
         """Job counts by state, inference durations and delivery totals (for ``/metrics``)."""

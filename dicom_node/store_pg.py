@@ -30,7 +30,16 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from dicom_node.errors import JobNotFoundError, StoreError
-from dicom_node.store import Delivery, InstanceRecord, Job, JobState, OpsStats, OutputRecord
+from dicom_node.store import (
+    JOB_COLUMNS,
+    InstanceRecord,
+    Job,
+    JobState,
+    JobStoreReads,
+    OpsStats,
+    OutputRecord,
+    job_from_row,
+)
 
 __all__ = ["PostgresJobStore"]
 
@@ -104,29 +113,15 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_study ON events(study_uid);
 """
 
-_JOB_COLUMNS = (
-    "id, study_uid, state, revision, attempts, reason, source, instance_count, first_received_at, "
-    "last_received_at, completed_at, created_at, updated_at, next_attempt_at, lease_owner, lease_until, "
-    "pending_update, timings"
-)
 
 Cursor = psycopg.Cursor[tuple[Any, ...]]
-
-
-def _job(r: Sequence[Any]) -> Job:
-    return Job(
-        id=int(r[0]), study_instance_uid=r[1], state=JobState(r[2]), revision=r[3], attempts=r[4], reason=r[5],
-        source=r[6], instance_count=r[7], first_received_at=r[8], last_received_at=r[9], completed_at=r[10],
-        created_at=r[11], updated_at=r[12], next_attempt_at=r[13], lease_owner=r[14], lease_until=r[15],
-        pending_update=bool(r[16]), timings={str(k): float(v) for k, v in (r[17] or {}).items()},
-    )
 
 
 def _redact(url: str) -> str:
     return re.sub(r"://([^/@:]*):[^/@]*@", r"://\1:***@", url)
 
 
-class PostgresJobStore:
+class PostgresJobStore(JobStoreReads):
     """:class:`dicom_node.store.JobStore` on PostgreSQL (psycopg 3).
 
     Parameters
@@ -214,9 +209,9 @@ class PostgresJobStore:
 
     @staticmethod
     def _fetch_job(cur: Cursor, where: str, args: tuple[Any, ...], *, lock: bool = False) -> Job | None:
-        cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {where}" + (" FOR UPDATE" if lock else ""), args)
+        cur.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}" + (" FOR UPDATE" if lock else ""), args)
         row = cur.fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     # ------------------------------------------------------------------ receiving
     def record_instance(self, rec: InstanceRecord, *, source: str = "dicom") -> bool:
@@ -286,11 +281,11 @@ class PostgresJobStore:
         done: list[Job] = []
         with self._tx() as cur:
             cur.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = %s AND "
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = %s AND "
                 "(last_received_at <= %s OR first_received_at <= %s) ORDER BY id FOR UPDATE SKIP LOCKED",
                 (JobState.RECEIVING, now - quiet_s, now - force_s),
             )
-            for job in [_job(r) for r in cur.fetchall()]:
+            for job in [job_from_row(r) for r in cur.fetchall()]:
                 forced = job.first_received_at is not None and job.first_received_at <= now - force_s
                 if patterns and not forced:
                     cur.execute("SELECT DISTINCT series_description FROM instances WHERE study_uid = %s",
@@ -321,7 +316,7 @@ class PostgresJobStore:
         """Lease the next job with work; ``FOR UPDATE SKIP LOCKED`` so concurrent workers never collide."""
         with self._tx() as cur:
             cur.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (lease_until IS NULL OR lease_until < %s) AND ("
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE (lease_until IS NULL OR lease_until < %s) AND ("
                 "state = %s OR state IN (%s, %s) OR "
                 "(state = %s AND (next_attempt_at IS NULL OR next_attempt_at <= %s))"
                 ") ORDER BY COALESCE(next_attempt_at, completed_at, created_at), id LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -330,7 +325,7 @@ class PostgresJobStore:
             row = cur.fetchone()
             if row is None:
                 return None
-            job = _job(row)
+            job = job_from_row(row)
             cur.execute("UPDATE jobs SET lease_owner = %s, lease_until = %s, updated_at = %s WHERE id = %s",
                         (owner, now + lease_s, now, job.id))
             if job.state in (JobState.INFERRING, JobState.REPORTING):
@@ -466,72 +461,11 @@ class PostgresJobStore:
             assert out is not None
             return out
 
-    # ------------------------------------------------------------------ reading
-    def get(self, job_id: int) -> Job:
+    # ------------------------------------------------------------------ reading (JobStoreReads)
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._read() as cur:
-            job = self._fetch_job(cur, "id = %s", (job_id,))
-        if job is None:
-            raise JobNotFoundError(job_id)
-        return job
-
-    def by_study(self, study_uid: str) -> Job:
-        with self._read() as cur:
-            job = self._fetch_job(cur, "study_uid = %s", (study_uid,))
-        if job is None:
-            raise JobNotFoundError(study_uid)
-        return job
-
-    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]:
-        with self._read() as cur:
-            if states:
-                cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ANY(%s) ORDER BY id",
-                            ([str(s) for s in states],))
-            else:
-                cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id")
-            return [_job(r) for r in cur.fetchall()]
-
-    def instances(self, study_uid: str) -> list[InstanceRecord]:
-        with self._read() as cur:
-            cur.execute("SELECT * FROM instances WHERE study_uid = %s ORDER BY received_at, sop_instance_uid",
-                        (study_uid,))
-            return [InstanceRecord(*r) for r in cur.fetchall()]
-
-    def outputs(self, study_uid: str, revision: int | None = None) -> list[OutputRecord]:
-        sql = (
-            "SELECT sop_instance_uid, study_uid, revision, kind, sop_class_uid, path FROM outputs "
-            "WHERE study_uid = %s"
-        )
-        with self._read() as cur:
-            if revision is None:
-                cur.execute(sql + " ORDER BY revision, kind", (study_uid,))
-            else:
-                cur.execute(sql + " AND revision = %s ORDER BY kind", (study_uid, revision))
-            return [OutputRecord(*r) for r in cur.fetchall()]
-
-    def deliveries(self, study_uid: str, revision: int | None = None) -> list[Delivery]:
-        sql = (
-            "SELECT d.output_uid, d.destination, d.state, d.attempts, d.last_status, d.last_error, "
-            "d.next_attempt_at, d.delivered_at FROM deliveries d JOIN outputs o ON o.sop_instance_uid = d.output_uid "
-            "WHERE o.study_uid = %s"
-        )
-        args: tuple[Any, ...] = (study_uid,)
-        if revision is not None:
-            sql += " AND o.revision = %s"
-            args += (revision,)
-        with self._read() as cur:
-            cur.execute(sql + " ORDER BY d.output_uid, d.destination", args)
-            return [Delivery(*r) for r in cur.fetchall()]
-
-    def events(self, study_uid: str) -> list[dict[str, Any]]:
-        with self._read() as cur:
-            cur.execute("SELECT at, from_state, to_state, detail FROM events WHERE study_uid = %s ORDER BY id",
-                        (study_uid,))
-            return [{"at": r[0], "from": r[1], "to": r[2], "detail": r[3]} for r in cur.fetchall()]
-
-    def counts(self) -> dict[str, int]:
-        with self._read() as cur:
-            cur.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-            return {str(s): int(n) for s, n in cur.fetchall()}
+            cur.execute(sql.replace("?", "%s"), args)
+            return cur.fetchall()
 
     def ops_stats(self) -> OpsStats:
         """Job counts by state, inference durations and delivery totals (for ``/metrics``)."""
