@@ -62,6 +62,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(_config(args), parent_pid=int(parent) if parent else None)
 
 
+def cmd_recover_slots(args: argparse.Namespace) -> int:
+    from dicom_node.receive import recover_host
+    from dicom_node.store import open_store
+
+    config = _config(args)
+    store = open_store(config)
+    try:
+        r = recover_host(config, store, args.host, retire=args.retire)
+    except ValueError as exc:
+        print(f"spinemed-node: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"{args.host}: {r.settled} acknowledged instances settled from its receive slots, "
+          f"{r.recorded} recorded in the job store" + (f", {r.retired} slots removed" if args.retire else ""))
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dicom_node.pipeline import Pipeline, output_kind
     from dicom_node.worker import write_dataset_atomic
@@ -241,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run only the worker: load the model once, work the job queue")
     _add_config(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("recover-slots",
+                       help="settle the receive slots of a receiver host gone for good (shared spool)")
+    _add_config(p)
+    p.add_argument("host", help="the host name whose slots to settle (a folder under <spool>/.slots/)")
+    p.add_argument("--retire", action="store_true", help="then remove that host's slots from disk")
+    p.set_defaults(func=cmd_recover_slots)
 
     p = sub.add_parser("analyze", help="run the whole pipeline on files, no network; write results to --out")
     _add_config(p)

@@ -37,12 +37,12 @@ from dicom_node.net import (
     STATUS_SUCCESS,
     storage_contexts,
 )
-from dicom_node.slots import SlotSink
+from dicom_node.slots import Claims, SlotPool, SlotSink, SpilledFile
 from dicom_node.spool import Incoming, Spool, SpoolFile, Stored, part10_header
 from dicom_node.store import JobStore
 from dicom_node.tls import server_context
 
-__all__ = ["Receiver", "ReceiverStats"]
+__all__ = ["HostRecovery", "Receiver", "ReceiverStats", "recover_host"]
 
 log = get_logger(__name__)
 
@@ -249,3 +249,55 @@ class Receiver:
         self.spool.close()  # hands the last settled instances to the indexer
         self.indexer.stop()
         self.audit.close()
+
+
+# ---------------------------------------------------------------------------------------------- a host gone for good
+@dataclass(frozen=True)
+class HostRecovery:
+    """What :func:`recover_host` did: instances settled from the host's slots, instances the job store
+    learnt of (the whole spool is reconciled), slots removed."""
+
+    settled: int
+    recorded: int
+    retired: int
+
+
+def _no_spill() -> SpilledFile:
+    raise SpoolError("recovering another host's slots receives nothing")
+
+
+def recover_host(config: NodeConfig, store: JobStore, host: str, *, retire: bool = False) -> HostRecovery:
+    """Settle the receive slots that ``host``'s receiver left in a shared spool, and record them.
+
+    Each receiver settles only its own host's slots at its start (``docs/scaling.md``); a host that crashed
+    and never comes back leaves its last acknowledged instances in ``<spool>/.slots/<host>/``.  This takes
+    that host's slot lock (so it refuses while that receiver runs), settles every acknowledged slot into
+    the spool, reconciles the spool with the job store (each instance recorded once, audited
+    ``recovered``), and with ``retire`` removes the host's slots from disk.
+
+    Raises
+    ------
+    ValueError
+        ``host`` is not a host name.
+    SpoolError
+        The spool holds no slots of ``host``, or its receiver is running (it holds their lock).
+    """
+    slots_dir = config.spool_dir / ".slots"
+    pool = SlotPool(slots_dir, config.spool_dir, 1, Claims(), _no_spill, lambda: 0, 0, host=host)
+    if not pool.directory.is_dir():
+        hosts = sorted(p.name for p in slots_dir.iterdir() if p.is_dir()) if slots_dir.is_dir() else []
+        raise SpoolError(f"no receive slots of host {host!r} in {slots_dir} (hosts with slots: "
+                         f"{', '.join(hosts) or 'none'})")
+    try:
+        settled = pool.recover()
+        retired = pool.retire() if retire else 0
+    finally:
+        pool.close()
+    audit = open_audit(config)
+    try:
+        recorded = reconcile(config.spool_dir, store, audit)
+    finally:
+        audit.close()
+    log.info("receive slots of another host recovered", host=host, settled=settled, recorded=recorded,
+             retired=retired)
+    return HostRecovery(settled, recorded, retired)

@@ -66,6 +66,8 @@ CAPACITY = SLOT_BYTES - TRAILER
 MAGIC = b"SPMDSLT1"
 #: The only paths a trailer may name: ``<study key>/<SOP Instance UID>.dcm`` (:meth:`Spool.path_for`).
 _TARGET = re.compile(r"^[0-9a-f]{24}/[0-9.]{1,64}\.dcm$")
+#: A host name as a slot folder's name (never a path: no ``/``, no leading dot).
+_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")
 _HEAD = struct.Struct("<8sQI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -351,20 +353,27 @@ class SlotPool(BatchThread):
         The node's low-disk threshold (``node.min_free_disk_mb``): slots are written only while twice this
         much stays free, so that they never bring the node to refuse instances.
 
+    host
+        Whose slots: this host's (the default), or another's whose receiver is gone for good
+        (:func:`dicom_node.receive.recover_host`).
+
     Raises
     ------
     ValueError
-        ``slots`` below 1.
+        ``slots`` below 1, or ``host`` not a host name.
     SpoolError
         (from :meth:`recover`) Another process holds this host's slots.
     """
 
     def __init__(self, directory: Path, spool_root: Path, slots: int, claims: Claims,
-                 spill_file: Callable[[], SpilledFile], free_bytes: Callable[[], int], keep_free_bytes: int) -> None:
+                 spill_file: Callable[[], SpilledFile], free_bytes: Callable[[], int], keep_free_bytes: int,
+                 *, host: str | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots: must be at least 1, got {slots}")
+        if host is not None and not _HOST.match(host):
+            raise ValueError(f"host: not a host name: {host!r}")
         super().__init__("receive-slots")
-        self.directory = directory / (socket.gethostname() or "localhost")
+        self.directory = directory / (host or socket.gethostname() or "localhost")
         self.spool_root = spool_root
         self.slots = slots
         self.claims = claims
@@ -459,6 +468,31 @@ class SlotPool(BatchThread):
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+
+    def retire(self) -> int:
+        """Remove this host's slots from disk, once :meth:`recover` has settled what they held and while the
+        lock is still held; returns how many slots were removed.  For a host whose receiver is gone for good.
+
+        Raises
+        ------
+        SpoolError
+            :meth:`recover` has not run, or instances are still unsettled.
+        """
+        if self._lock_fd is None:
+            raise SpoolError(f"receive slots {self.directory}: recover() them before retiring them")
+        with self._cond:
+            if self._queue:
+                raise SpoolError(f"receive slots {self.directory}: {len(self._queue)} instances not settled")
+            ready, self._ready = self._ready, []
+        for slot in ready:
+            os.close(slot.fd)
+            slot.path.unlink(missing_ok=True)
+        self.directory.rmdir()
+        fsync_dir(self.directory.parent)
+        (self.directory.parent / f"{self.directory.name}.lock").unlink()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        return len(ready)
 
     def snapshot(self) -> tuple[int, int, int, int]:
         """``(ready, unsettled, received, spilled)`` at one instant, for the metrics."""

@@ -289,3 +289,90 @@ def test_a_trailer_naming_a_path_outside_the_spool_layout_is_never_followed(tmp_
     assert again.start() == 0
     again.close()
     assert not (tmp_path / "escaped.dcm").exists() and not (tmp_path.parent / "escaped.dcm").exists()
+
+
+# ------------------------------------------------------------------------------------------ a host gone for good
+_CRASH_DICOM = """
+import io, os, sys
+import numpy as np
+import dicom_node.slots
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from dicom_node.spool import Spool
+dicom_node.slots.BATCH_WINDOW_S = dicom_node.slots._PAUSE_S = 600
+spool = Spool(sys.argv[1], slots=4)
+spool.start()
+for i in range(3):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, f"1.2.3.{i}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = sys.argv[2], "1.2.3.99", "MR"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.full((8, 8), i, np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    sink = spool.begin()
+    sink.write(buf.getvalue())
+    spool.commit(sink, sys.argv[2], f"1.2.3.{i}")
+os._exit(0)
+"""
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_recover_slots_settles_and_records_what_a_host_gone_for_good_left_in_a_shared_spool(tmp_path: Path) -> None:
+    from dicom_node.store import SQLiteJobStore
+
+    data = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n')
+    spool_root = data / "spool"
+    subprocess.run([sys.executable, "-c", _CRASH_DICOM, str(spool_root), STUDY], check=True, timeout=120)
+    # the receiver that crashed ran on host "ward-b", which never comes back
+    slots = spool_root / ".slots"
+    (slots / socket.gethostname()).rename(slots / "ward-b")
+    (slots / f"{socket.gethostname()}.lock").rename(slots / "ward-b.lock")
+    cli = [sys.executable, "-m", "dicom_node", "recover-slots", "--config", str(config)]
+
+    unknown = subprocess.run([*cli, "ward-c"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1 and "no receive slots of host 'ward-c'" in unknown.stderr
+    assert "hosts with slots: ward-b" in unknown.stderr
+    assert subprocess.run([*cli, "../etc"], capture_output=True, text=True, timeout=120).returncode == 2
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(slots / "ward-b.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        busy = subprocess.run([*cli, "ward-b"], capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and "in use by another process" in busy.stderr, "never while it runs"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(list((slots / "ward-b").iterdir())) == 4, "nothing touched while the lock was held"
+
+    done = subprocess.run([*cli, "ward-b", "--retire"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ward-b: 3 acknowledged instances settled from its receive slots, 3 recorded in the job store, " \
+           "1 slots removed" in done.stdout
+    assert not (slots / "ward-b").exists() and not (slots / "ward-b.lock").exists()
+    store = SQLiteJobStore(data / "jobs.sqlite3")
+    try:
+        recs = sorted(store.instances(STUDY), key=lambda r: r.sop_instance_uid)
+        assert [r.sop_instance_uid for r in recs] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
+        assert all(Path(r.path).parent == spool_root / study_key(STUDY) for r in recs)
+        assert store.by_study(STUDY).instance_count == 3
+    finally:
+        store.close()
+    import pydicom
+
+    for i, r in enumerate(recs):
+        assert int(pydicom.dcmread(r.path).pixel_array[0, 0]) == i, "byte-exact from the slot"
