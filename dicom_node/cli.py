@@ -209,6 +209,7 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
         modality_name=args.modality,
         plugin_dir=args.plugin_dir,
         state_file=args.state_file,
+        node_url=args.node_url,
     )
     print(json.dumps(snippet, indent=2))
     print(
@@ -322,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin-dir", type=Path, default=Path("/usr/share/orthanc/plugins"))
     p.add_argument(
         "--state-file", type=Path, help="the plugin's state file (default: next to Orthanc's index)"
+    )
+    p.add_argument(
+        "--node-url",
+        help="the node's HTTP root as Orthanc reaches it: the plugin reads the node's status over its API "
+        "instead of its job store file (Orthanc on another host; default for a PostgreSQL job store)",
     )
     p.add_argument(
         "--orthanc-url",

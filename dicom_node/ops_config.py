@@ -63,6 +63,10 @@ class HttpConfig(_Section):
     require_worker: bool = Field(default=True, description="readiness needs a live worker with its model")
     echo_destinations: bool = Field(default=True, description="readiness C-ECHOes every dicom destination")
     reports: bool = Field(default=True, description="serve rendered reports (they show patient demographics)")
+    api_token_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable with the bearer token of /api/v1 (the Orthanc plugin's study status); "
+                    "unset: /api/v1 answers loopback clients only")
 
 
 class AuditConfig(_Section):

@@ -38,6 +38,7 @@ def orthanc_config(
     plugin_dir: Path = DEFAULT_PLUGIN_DIR,
     state_file: Path | None = None,
     poll_seconds: float = 2.0,
+    node_url: str | None = None,
 ) -> dict[str, Any]:
     """Orthanc configuration keys for this node.
 
@@ -56,6 +57,11 @@ def orthanc_config(
         The plugin's state (default: next to Orthanc's index, chosen by the plugin).
     poll_seconds
         How often the plugin looks at the change log and the node's jobs.
+    node_url
+        The node's HTTP root as Orthanc reaches it: the plugin then reads the node's status over its
+        ``/api/v1`` (with ``NodeToken`` = ``${<[http] api_token_env>}``, which Orthanc takes from its own
+        environment) instead of the job store file.  Default: the job store file, or for a PostgreSQL job
+        store (no file to read) ``http://<node host>:<http.port>``.
 
     Returns
     -------
@@ -63,13 +69,20 @@ def orthanc_config(
         JSON-serialisable keys to merge into Orthanc's configuration.
     """
     host = node_host or ("127.0.0.1" if config.node.host in ("0.0.0.0", "::", "") else config.node.host)
-    section: dict[str, Any] = {
-        "NodeModality": modality_name,
-        "JobStore": str(config.db_path.resolve()),
+    if node_url is None and config.store.url:
+        node_url = f"http://{host}:{config.http.port}"
+    section: dict[str, Any] = {"NodeModality": modality_name}
+    if node_url is not None:
+        section["NodeUrl"] = node_url
+        if config.http.api_token_env:
+            section["NodeToken"] = "${" + config.http.api_token_env + "}"
+    else:
+        section["JobStore"] = str(config.db_path.resolve())
+    section.update({
         "SitePackages": [sysconfig.get_paths()["purelib"]],
         "PollSeconds": poll_seconds,
         "OwnSeriesNumber": config.output.series_number,
-    }
+    })
     if state_file is not None:
         section["StateFile"] = str(state_file)
     return {

@@ -10,7 +10,7 @@ return at once).  The thread does all the work, from durable sources only:
    does not re-fire ``StableStudy`` after a restart).
 2. **Sending**: for a pending study the bridge lists its instances, drops our own result objects (the
    loop guard: :mod:`orthanc_plugin.guard` plus the node's own output UIDs) and every instance the node
-   already received (the node's job store, read-only), and hands the rest to Orthanc's job engine:
+   already received (the node's job store or its HTTP API, read-only), and hands the rest to Orthanc's job engine:
    ``POST /modalities/<node>/store`` with ``"Asynchronous": true``.  Orthanc persists the job and runs
    it off this thread; the node receives the instances on its ordinary C-STORE listener, so the study
    enters the same spool → job store → completeness → worker path as from any PACS.
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from orthanc_plugin.guard import split_series
-from orthanc_plugin.nodestore import NodeJobStore, NodeStoreUnavailable
+from orthanc_plugin.nodestore import NodeStoreUnavailable, NodeView
 from orthanc_plugin.outbox import Outbox, StudyRow
 from orthanc_plugin.settings import INFO_METADATA, STATUS_METADATA, PluginSettings
 
@@ -86,13 +86,13 @@ class Bridge:
     outbox
         The plugin's durable state.
     node
-        The node's job store, read-only.
+        What the node says of each study: its job store file or its HTTP API, read-only.
     log
         Where to log (Orthanc's log).  Messages carry Orthanc resource IDs (opaque hashes), never
         patient data or DICOM UIDs.
     """
 
-    def __init__(self, rest: Rest, settings: PluginSettings, outbox: Outbox, node: NodeJobStore,
+    def __init__(self, rest: Rest, settings: PluginSettings, outbox: Outbox, node: NodeView,
                  log: Logger) -> None:
         self.rest = rest
         self.settings = settings
@@ -275,8 +275,8 @@ class Bridge:
         if not candidate and node_job is None:
             self.outbox.update(row.orthanc_id, state="ignored", dirty=0)
             return
-        received = self.node.received(study_uid)
-        ours = self.node.outputs(study_uid)
+        known = self.node.instances(study_uid)
+        received, ours = known.received, known.outputs
         unsent: list[str] = []
         for inst in self.rest.get(f"/studies/{row.orthanc_id}/instances"):
             sop = str(inst.get("MainDicomTags", {}).get("SOPInstanceUID", ""))

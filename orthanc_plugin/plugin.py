@@ -49,7 +49,7 @@ def _extend_path() -> None:
 _extend_path()
 
 from orthanc_plugin.bridge import Bridge, RestError  # noqa: E402 - needs the path set up above
-from orthanc_plugin.nodestore import NodeJobStore  # noqa: E402
+from orthanc_plugin.nodestore import NodeApi, NodeJobStore, NodeView  # noqa: E402
 from orthanc_plugin.outbox import Outbox  # noqa: E402
 from orthanc_plugin.settings import PluginSettings, SettingsError  # noqa: E402
 
@@ -106,12 +106,17 @@ def _make_bridge() -> Bridge | None:
     except (SettingsError, ValueError) as exc:
         orthanc.LogError(f"SpineMed plugin disabled: {exc}")
         return None
+    node: NodeView
+    if settings.node_url is not None:
+        node = NodeApi(settings.node_url, settings.node_token)
+    else:
+        assert settings.job_store is not None  # the settings give one of the two
+        node = NodeJobStore(settings.job_store)
     orthanc.LogWarning(
-        f"SpineMed plugin: node modality {settings.node_modality!r}, job store {settings.job_store}, "
+        f"SpineMed plugin: node modality {settings.node_modality!r}, status from {node!r}, "
         f"state {settings.state_file}"
     )
-    return Bridge(_OrthancRest(), settings, Outbox(settings.state_file), NodeJobStore(settings.job_store),
-                  _OrthancLog())
+    return Bridge(_OrthancRest(), settings, Outbox(settings.state_file), node, _OrthancLog())
 
 
 _BRIDGE = _make_bridge()

@@ -1,13 +1,16 @@
 """The plugin's settings: the ``"SpineMed"`` section of Orthanc's own configuration.
 
-``spinemed-node orthanc-config`` prints a complete section for the local install; every key is
-optional except ``JobStore``.  Standard library only: this runs inside Orthanc's interpreter.
+``spinemed-node orthanc-config`` prints a complete section for the install; every key is optional
+except one of ``JobStore`` (the node on this host, SQLite job store) and ``NodeUrl`` (the node's HTTP API:
+another host, or a PostgreSQL job store).  Standard library only: this runs inside Orthanc's interpreter.
 
 Example::
 
     "SpineMed" : {
       "NodeModality" : "spinemed",                       // key in "DicomModalities"
       "JobStore" : "/var/lib/spinemed-node/jobs.sqlite3", // the node's job store, opened read-only
+      // or, instead of JobStore:
+      // "NodeUrl" : "https://gpu-node:8080", "NodeToken" : "${SPINEMED_API_TOKEN}",
       "StateFile" : "/var/lib/orthanc/spinemed-plugin.sqlite3",
       "SitePackages" : ["/opt/spinemed-node/.venv/lib/python3.11/site-packages"],
       "PollSeconds" : 2,
@@ -45,8 +48,10 @@ class SettingsError(ValueError):
 class PluginSettings:
     """Validated plugin settings."""
 
-    job_store: Path
+    job_store: Path | None
     state_file: Path
+    node_url: str | None = None
+    node_token: str | None = None
     node_modality: str = "spinemed"
     poll_seconds: float = 2.0
     stable_age_s: float = 60.0
@@ -67,6 +72,8 @@ class PluginSettings:
             The whole Orthanc configuration.
         env
             Environment (default ``os.environ``): ``SPINEMED_JOB_STORE`` overrides ``JobStore``.
+            (Orthanc itself replaces ``${VAR}`` in its configuration: the way to keep ``NodeToken`` out
+            of the file.)
 
         Raises
         ------
@@ -93,8 +100,19 @@ class PluginSettings:
             return tuple(value)
 
         job_store = env.get("SPINEMED_JOB_STORE") or raw.get("JobStore")
-        if not isinstance(job_store, str) or not job_store:
-            raise SettingsError(f"{SECTION}.JobStore: the node's jobs.sqlite3 path is required")
+        node_url, node_token = raw.get("NodeUrl"), raw.get("NodeToken")
+        if node_url is not None:
+            if job_store:
+                raise SettingsError(f"{SECTION}.NodeUrl: give either JobStore or NodeUrl, not both")
+            if not isinstance(node_url, str) or not node_url.startswith(("http://", "https://")):
+                raise SettingsError(f"{SECTION}.NodeUrl: must be the node's http(s) URL")
+            if node_token is not None and (not isinstance(node_token, str) or node_token.startswith("${")):
+                # Orthanc left "${VAR}" as it was: the variable is not set in Orthanc's environment
+                raise SettingsError(f"{SECTION}.NodeToken: must be a string (is its environment variable set?)")
+        elif not isinstance(job_store, str) or not job_store:
+            raise SettingsError(f"{SECTION}.JobStore: the node's jobs.sqlite3 path (or NodeUrl) is required")
+        elif node_token is not None:
+            raise SettingsError(f"{SECTION}.NodeToken: only with NodeUrl")
         modality = raw.get("NodeModality", "spinemed")
         modalities = config.get("DicomModalities", {})
         if not isinstance(modality, str) or not isinstance(modalities, Mapping) or modality not in modalities:
@@ -124,7 +142,9 @@ class PluginSettings:
             raise SettingsError(f"{SECTION}.DescriptionPattern: {exc}") from exc
         stable = config.get("StableAge", 60)
         return cls(
-            job_store=Path(job_store),
+            job_store=Path(job_store) if isinstance(job_store, str) and job_store else None,
+            node_url=node_url,
+            node_token=node_token or None,
             state_file=Path(state),
             node_modality=modality,
             poll_seconds=num("PollSeconds", 2.0, 0.1),

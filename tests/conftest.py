@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pydicom
 import pytest
 
@@ -223,3 +227,58 @@ def start_node(config: Path, data_dir: Path, port: int) -> NodeProcess:
         )
     wait_port(port, 60)
     return NodeProcess(config, data_dir, port, proc, log)
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+def _pg_bindir() -> Path:
+    for cand in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (cand / "initdb").is_file() and (cand / "pg_ctl").is_file():
+            return cand
+    exe = shutil.which("initdb")
+    if exe is not None and shutil.which("pg_ctl"):
+        return Path(exe).resolve().parent
+    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql "
+                "(scripts/setup installs it); the PostgreSQL job store tests need a real server")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>; yields its admin URL."""
+    bindir = _pg_bindir()
+    base = Path(tempfile.mkdtemp(prefix="spinemed-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root but there is no 'postgres' user (the Debian postgresql package makes it)")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        base.chmod(0o700)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+    run = subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                          "-E", "UTF8", "--no-sync"], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.fail(f"initdb failed: {run.stderr[-1000:]}")
+    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+    run = subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
+                          "-o", opts, "start"], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.fail(f"pg_ctl start failed: {run.stderr[-1000:]} {(base / 'log').read_text()[-1000:]}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{pg_server}/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield f"{pg_server}/{name}"
+    with psycopg.connect(f"{pg_server}/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

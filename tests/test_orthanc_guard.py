@@ -121,6 +121,14 @@ def test_settings_defaults_and_overrides() -> None:
     assert s.poll_seconds == 0.5
 
 
+def test_settings_with_the_nodes_url_instead_of_its_job_store() -> None:
+    s = PluginSettings.from_orthanc(_orthanc_cfg(JobStore=None, NodeUrl="https://gpu-node:8080",
+                                                 NodeToken="t" * 40), env={})
+    assert s.job_store is None and s.node_url == "https://gpu-node:8080" and s.node_token == "t" * 40
+    s = PluginSettings.from_orthanc(_orthanc_cfg(JobStore=None, NodeUrl="http://127.0.0.1:8080"), env={})
+    assert s.node_token is None, "a node on this host answers loopback clients without a token"
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
@@ -130,6 +138,11 @@ def test_settings_defaults_and_overrides() -> None:
         ({"Modalities": "MR"}, "SpineMed.Modalities"),
         ({"DescriptionPattern": "("}, "SpineMed.DescriptionPattern"),
         ({"OwnSeriesNumber": "9901"}, "SpineMed.OwnSeriesNumber"),
+        ({"NodeUrl": "http://node:8080"}, "either JobStore or NodeUrl"),
+        ({"JobStore": None, "NodeUrl": "node:8080"}, "SpineMed.NodeUrl"),
+        ({"JobStore": None, "NodeUrl": "http://node:8080", "NodeToken": "${SPINEMED_API_TOKEN}"},
+         "SpineMed.NodeToken"),
+        ({"NodeToken": "a-token-without-a-url"}, "SpineMed.NodeToken"),
     ],
 )
 def test_settings_errors_name_the_key(section: dict[str, object], message: str) -> None:

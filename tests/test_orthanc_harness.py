@@ -217,3 +217,12 @@ def test_snippet_has_no_secrets_and_points_at_this_venv(tmp_path: Path) -> None:
     assert snippet["SpineMed"]["JobStore"] == str((tmp_path / "jobs.sqlite3").resolve())
     assert "password" not in json.dumps(snippet).lower()
     assert os.path.basename(snippet["PythonScript"]) == "plugin.py"
+
+
+def test_snippet_for_a_node_on_another_host_names_its_url_and_the_tokens_variable(tmp_path: Path) -> None:
+    cfg = load_config(node={"data_dir": tmp_path}, http={"api_token_env": "SPINEMED_API_TOKEN"})
+    section = orthanc_config(cfg, node_url="https://gpu-node:8443")["SpineMed"]
+    assert section["NodeUrl"] == "https://gpu-node:8443" and "JobStore" not in section
+    assert section["NodeToken"] == "${SPINEMED_API_TOKEN}", "Orthanc fills it from its environment"
+    plain = orthanc_config(load_config(node={"data_dir": tmp_path}), node_url="http://127.0.0.1:8080")["SpineMed"]
+    assert "NodeToken" not in plain, "no token configured: a loopback node answers without one"

@@ -190,3 +190,55 @@ def test_stable_study_gets_its_report_once_across_an_orthanc_crash_then_one_revi
         assert [j.study_instance_uid for j in store.jobs()] == [study.study_instance_uid]
     finally:
         store.close()
+
+
+def test_orthanc_on_another_host_reads_the_nodes_status_over_its_api_with_a_postgresql_job_store(
+    tmp_path: Path, demo_model_dir: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No job store file to share: the node keeps its jobs in PostgreSQL and the plugin reads each study's
+    status over the node's /api/v1 with a bearer token that Orthanc takes from its own environment."""
+    from dicom_node.store_pg import PostgresJobStore
+
+    require_orthanc("libOrthancPython.so", "libOrthancDicomWeb.so")
+    token_env, token = "SPINEMED_TEST_API_TOKEN", "t0ken-" + generate_uid()[-40:]
+    monkeypatch.setenv(token_env, token)  # the node's and Orthanc's environment (both inherit it)
+    http_port, dicom_port, node_port, node_http = free_port(), free_port(), free_port(), free_port()
+    data = tmp_path / "data"
+    node_toml = tmp_path / "node.toml"
+    extra = (f'\n[[destinations]]\nname = "orthanc"\ntype = "dicomweb"\nurl = "http://127.0.0.1:{http_port}/dicom-web"\n'
+             f'\n[http]\nport = {node_http}\nrequire_worker = false\napi_token_env = "{token_env}"\n'
+             f'\n[store]\nurl = "{pg_url}"\n')
+    node_toml.write_text(node_config_text(data, demo_model_dir, node_port, [], quiet=1.0, extra=extra))
+    snippet = orthanc_config(load_config(node_toml), state_file=tmp_path / "plugin-state.sqlite3",
+                             poll_seconds=0.3)
+    assert "JobStore" not in snippet["SpineMed"]
+    assert snippet["SpineMed"]["NodeUrl"] == f"http://127.0.0.1:{node_http}"
+    assert snippet["SpineMed"]["NodeToken"] == "${" + token_env + "}", "the token never in the file"
+    snippet["HttpPort"], snippet["DicomPort"] = http_port, dicom_port
+    node = start_node(node_toml, data, node_port)
+    orthanc: OrthancServer | None = None
+    store = PostgresJobStore(pg_url)
+    try:
+        orthanc = start_orthanc(tmp_path, snippet)
+        study = make_lumbar_mr(tmp_path / "mr", slices=3, size=64)
+        res = storescu(orthanc.dicom_port, list(study.paths), called="ORTHANC")
+        assert res.returncode == 0, res.stderr
+        study_id = orthanc.study_id(study.study_instance_uid)
+        stack = Stack(node, orthanc, tmp_path / "plugin-state.sqlite3")
+        _, info = _wait("spinemed-done", lambda: _status(orthanc, study_id)[0] == "spinemed-done"
+                        and _status(orthanc, study_id), 180, stack)
+        assert info["revision"] == 1
+        job = store.by_study(study.study_instance_uid)
+        assert (job.state.value, job.revision, job.instance_count) == ("done", 1, len(study.paths))
+        assert len(_sr_instances(orthanc, study_id)) == 1
+        # our SR made the study stable again: the plugin knows it as ours from the node's API, sends nothing
+        time.sleep(4.0)
+        assert (store.by_study(study.study_instance_uid).revision, len(_sr_instances(orthanc, study_id))) == (1, 1)
+        assert not _reopened(store, study.study_instance_uid)
+        assert f"status from node API http://127.0.0.1:{node_http}" in orthanc.log()
+        assert token not in orthanc.log() and token not in node.log.read_text()
+    finally:
+        store.close()
+        if orthanc is not None:
+            orthanc.stop(signal.SIGKILL)
+        node.stop()

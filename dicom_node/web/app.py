@@ -1,7 +1,8 @@
 """The starlette application and the uvicorn server thread that serves it.
 
 Routes: ``/health/live``, ``/health/ready`` (JSON; 200 or 503), ``/metrics`` (Prometheus text),
-``/jobs`` (HTML, read-only), ``/jobs/{id}/report/{kind}`` (the result SR rendered by ``dsr2html``) and
+``/jobs`` (HTML, read-only), ``/jobs/{id}/report/{kind}`` (the result SR rendered by ``dsr2html``),
+``/api/v1/studies/...`` (a study's status as JSON, for the Orthanc plugin: :mod:`dicom_node.web.api`) and
 ``/`` (redirects to ``/jobs``).  No route changes anything.
 
 :class:`HttpServer` binds its socket itself before starting uvicorn in a daemon thread, so a port that
@@ -26,6 +27,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import JobNotFoundError
 from dicom_node.log import get_logger
 from dicom_node.metrics import NodeCollector, render_metrics
+from dicom_node.web.api import api_routes
 from dicom_node.web.health import Readiness
 from dicom_node.web.pages import ReportError, jobs_page, render_report
 
@@ -74,6 +76,7 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
         Route("/metrics", metrics),
         Route("/jobs", jobs),
         Route("/jobs/{job_id:int}/report/{kind:str}", report),
+        *api_routes(config, store),
     ]
     return Starlette(routes=routes)
 
