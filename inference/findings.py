@@ -331,7 +331,16 @@ class ModelAnswer(_Strict):
 
     @model_validator(mode="after")
     def _order(self) -> ModelAnswer:
-        ordered = sorted(self.levels, key=lambda f: level_sort_key(f.level))
+        # cranio-caudal, and a finding the model wrote twice word for word (the same level, finding,
+        # grading, measurements and evidence) once: a repeat carries nothing, and a report listing it
+        # three times reads as three findings
+        ordered: list[LevelFinding] = []
+        seen: set[str] = set()
+        for f in sorted(self.levels, key=lambda f: level_sort_key(f.level)):
+            key = f.model_dump_json()
+            if key not in seen:
+                seen.add(key)
+                ordered.append(f)
         if ordered != self.levels:
             object.__setattr__(self, "levels", ordered)
         return self

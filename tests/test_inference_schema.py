@@ -328,6 +328,20 @@ def test_parse_answer_accepts_fenced_and_normalises() -> None:
     assert [f.level for f in answer.levels] == ["L4-L5", "L5-S1"]
 
 
+def test_a_finding_repeated_word_for_word_is_kept_once() -> None:
+    """The random demo model once wrote "S1: vertebral fracture, left" three times over."""
+    report = {k: "x" for k in ("findings", "diagnosis", "treatment_suggestions", "risk_and_prognosis",
+                               "follow_up", "diagnostic_basis")}
+    fracture = {"level": "S1", "finding": "vertebral_fracture", "severity": "mild", "laterality": "left"}
+    other_side = {**fracture, "laterality": "right"}
+    disc = {"level": "L4/5", "finding": "disc_herniation", "severity": "moderate"}
+    answer = parse_answer(json.dumps({"levels": [fracture, disc, fracture, other_side, fracture],
+                                      "report": report}))
+    assert [(f.level, f.finding.value, f.laterality) for f in answer.levels] == [
+        ("L4-L5", "disc_herniation", None), ("S1", "vertebral_fracture", "left"),
+        ("S1", "vertebral_fracture", "right")], "repeats merged; a finding differing in anything kept"
+
+
 def test_no_abnormality_has_no_severity_and_any_level() -> None:
     """A normal level is graded 'none' (the random demo once wrote 'no abnormality, moderate')."""
     schema = answer_schema()
