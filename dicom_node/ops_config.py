@@ -65,8 +65,8 @@ class HttpConfig(_Section):
     reports: bool = Field(default=True, description="serve rendered reports (they show patient demographics)")
     api_token_env: str | None = Field(
         default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="environment variable with the bearer token of /api/v1 (the Orthanc plugin's study status); "
-                    "unset: /api/v1 answers loopback clients only")
+        description="environment variable with the token that the reports and /api/v1 (the Orthanc plugin's "
+                    "study status) require; unset: they answer loopback clients only")
 
 
 class AuditConfig(_Section):

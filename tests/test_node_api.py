@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from conftest import free_port, storescu
 from starlette.testclient import TestClient
+from test_sr_support import CREATED_AT, lumbar_mr_case
 
 from dicom_node.config import load_config
 from dicom_node.errors import ConfigError
@@ -21,6 +22,7 @@ from dicom_node.node import ReceivingNode
 from dicom_node.store import JobState, OutputRecord
 from dicom_node.synthetic import SyntheticStudy, make_lumbar_mr
 from orthanc_plugin.nodestore import NodeApi, NodeInstances, NodeJobStore, NodeStoreUnavailable
+from sr_templates import OutputOptions, build_outputs
 
 TOKEN = "s3cret-" + "x" * 40
 ENV = "SPINEMED_TEST_API_TOKEN"
@@ -61,8 +63,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         assert job is not None
         store.transition(job.id, "test", JobState.INFERRING)
         store.transition(job.id, "test", JobState.REPORTING)
-        out = OutputRecord("1.2.826.0.1.3680043.8.498.777", study.study_instance_uid, job.revision,
-                           "measurement_report", "1.2.840.10008.5.1.4.1.1.88.34", str(tmp / "sr.dcm"))
+        case = lumbar_mr_case(tmp / "case")  # a real TID 1500 SR file for the report route to render
+        sr = build_outputs(case.study, case.findings, OutputOptions(), created_at=CREATED_AT)[0]
+        sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
+        out = OutputRecord(str(sr.SOPInstanceUID), study.study_instance_uid, job.revision,
+                           "measurement_report", str(sr.SOPClassUID), str(tmp / "sr.dcm"))
         store.finish_report(job.id, "test", job.revision, [out], [])
         yield Live(node, f"http://127.0.0.1:{node.ops.http_port}", study, out.sop_instance_uid)
     finally:
@@ -132,3 +137,29 @@ def test_a_missing_or_short_token_stops_the_node_from_starting(tmp_path: Path,
     monkeypatch.setenv(ENV, "short")
     with pytest.raises(ConfigError, match="shorter than 32 characters"):
         _node(tmp_path / "b", api_token_env=ENV)
+
+
+def test_reports_need_the_token_too_as_bearer_or_as_a_basic_password(live: Live) -> None:
+    job = live.node.store.by_study(live.study.study_instance_uid)
+    url = f"{live.base}/jobs/{job.id}/report/measurement_report"
+    refused = httpx.get(url)
+    assert refused.status_code == 401 and "Basic" in refused.headers["www-authenticate"]
+    assert httpx.get(url, auth=("radiologist", "wrong-" + "z" * 40)).status_code == 401
+    for passed in (httpx.get(url, auth=("radiologist", TOKEN)),
+                   httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"})):
+        assert passed.status_code == 200 and "Imaging Measurement Report" in passed.text, passed.text[:300]
+    open_routes = [httpx.get(f"{live.base}{p}") for p in ("/health/live", "/metrics", "/jobs")]
+    assert [r.status_code for r in open_routes] == [200, 200, 200], "no identifiers there: no login"
+
+
+def test_without_a_token_reports_answer_loopback_clients_only(tmp_path: Path) -> None:
+    node = _node(tmp_path)
+    assert node.ops.http is not None
+    try:
+        with TestClient(node.ops.http.app, client=("10.1.2.3", 50000)) as remote:
+            assert remote.get("/jobs/1/report/measurement_report").status_code == 403
+            assert remote.get("/jobs").status_code == 200
+        with TestClient(node.ops.http.app, client=("127.0.0.1", 50000)) as local:
+            assert local.get("/jobs/1/report/measurement_report").status_code == 404, "no such job, but allowed"
+    finally:
+        node.store.close()

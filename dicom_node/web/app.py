@@ -3,7 +3,8 @@
 Routes: ``/health/live``, ``/health/ready`` (JSON; 200 or 503), ``/metrics`` (Prometheus text),
 ``/jobs`` (HTML, read-only), ``/jobs/{id}/report/{kind}`` (the result SR rendered by ``dsr2html``),
 ``/api/v1/studies/...`` (a study's status as JSON, for the Orthanc plugin: :mod:`dicom_node.web.api`) and
-``/`` (redirects to ``/jobs``).  No route changes anything.
+``/`` (redirects to ``/jobs``).  No route changes anything.  The reports and ``/api/v1`` carry patient data
+and answer only as :mod:`dicom_node.web.auth` allows (a token, else loopback clients).
 
 :class:`HttpServer` binds its socket itself before starting uvicorn in a daemon thread, so a port that
 is taken fails at once with an :class:`OSError` (the receiving node logs it and keeps receiving: DICOM
@@ -28,6 +29,7 @@ from dicom_node.errors import JobNotFoundError
 from dicom_node.log import get_logger
 from dicom_node.metrics import NodeCollector, render_metrics
 from dicom_node.web.api import api_routes
+from dicom_node.web.auth import Guard, api_token
 from dicom_node.web.health import Readiness
 from dicom_node.web.pages import ReportError, jobs_page, render_report
 
@@ -39,8 +41,15 @@ _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector) -> Starlette:
-    """The read-only HTTP application over one node's store and counters."""
+    """The read-only HTTP application over one node's store and counters.
+
+    Raises
+    ------
+    ConfigError
+        ``[http] api_token_env`` names a variable that is not set, or a token too short.
+    """
     store = collector.sources.store
+    guard = Guard(api_token(config))  # the reports and /api/v1 carry patient data: dicom_node.web.auth
 
     def live(request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -58,6 +67,9 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
     def report(request: Request) -> Response:
         if not config.http.reports:
             return PlainTextResponse("reports are disabled ([http] reports = false)", status_code=404)
+        refused = guard.refused(request)
+        if refused is not None:
+            return refused
         try:
             job_id = int(request.path_params["job_id"])
             return HTMLResponse(render_report(store, job_id, str(request.path_params["kind"])))
@@ -76,7 +88,7 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
         Route("/metrics", metrics),
         Route("/jobs", jobs),
         Route("/jobs/{job_id:int}/report/{kind:str}", report),
-        *api_routes(config, store),
+        *api_routes(store, guard),
     ]
     return Starlette(routes=routes)
 
