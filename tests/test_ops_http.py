@@ -46,7 +46,9 @@ def running(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     cfg = load_config(
         node={"port": 0, "host": "127.0.0.1", "data_dir": tmp / "data", "min_free_disk_mb": 0},
         http={"port": 0, "ready_cache_s": 0.2},
-        completeness={"quiet_seconds": 0.3, "force_seconds": 60, "check_interval_s": 0.1},
+        # quiet long enough that a slow disk (an instance acknowledged, its row committed ~0.2 s later) never
+        # splits the five slices into two revisions: the metrics below count one analysis
+        completeness={"quiet_seconds": 1.0, "force_seconds": 60, "check_interval_s": 0.1},
         model={"backend": "demo", "path": str(demo_model_dir)},
         worker={"poll_interval_s": 0.05},
         destinations=[{"name": "results", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": scp.port}],
@@ -63,6 +65,8 @@ def running(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     while node.store.by_study(study.study_instance_uid).state is not JobState.DONE:
         assert time.monotonic() < deadline, node.store.by_study(study.study_instance_uid)
         time.sleep(0.1)
+    job = node.store.by_study(study.study_instance_uid)
+    assert (job.revision, job.instance_count) == (1, len(study.paths)), node.store.events(study.study_instance_uid)
     yield Running(node, scp, study, f"http://127.0.0.1:{node.ops.http_port}", worker)
     worker.stop()
     thread.join(timeout=30)
