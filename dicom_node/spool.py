@@ -36,9 +36,10 @@ from dicom_node.errors import SpoolError
 from dicom_node.fileio import fsync_dir, link, start_writeback
 from dicom_node.slots import Claims, SlotPool, SlotSink
 
-__all__ = ["Incoming", "Spool", "SpoolFile", "Stored", "part10_header", "remove_dead_parts", "study_key"]
+__all__ = ["UID_PATTERN", "Incoming", "Spool", "SpoolFile", "Stored", "part10_header", "remove_dead_parts", "study_key"]
 
-_UID = re.compile(r"^[0-9.]{1,64}$")
+#: A DICOM UID as the node accepts it in a spool path or a request (digits and dots, at most 64)
+UID_PATTERN = re.compile(r"^[0-9.]{1,64}$")
 _PART = re.compile(r"^(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{32}\.part$")
 #: a temporary file of an unknown layout (an older release) is removed once it is this old
 LEGACY_PART_AGE_S = 24 * 3600.0
@@ -106,7 +107,7 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     uids = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, implementation_uid)
     for name, value in zip(("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "implementation_uid"), uids,
                            strict=True):
-        if not _UID.match(value):
+        if not UID_PATTERN.match(value):
             raise ValueError(f"{name}: not a valid UID: {value!r}")
     if source_ae and (len(source_ae) > 16 or not source_ae.isascii() or "\\" in source_ae):
         raise ValueError(f"source_ae: not a valid AE title: {source_ae!r}")
@@ -185,7 +186,7 @@ class Spool:
             self.pool.close()
 
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
-        if not _UID.match(sop_instance_uid):
+        if not UID_PATTERN.match(sop_instance_uid):
             raise SpoolError(f"sop_instance_uid: not a valid UID: {sop_instance_uid!r}")
         return self.root / study_key(study_uid) / f"{sop_instance_uid}.dcm"
 

@@ -14,7 +14,6 @@ token crosses a network you do not trust.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from starlette.requests import Request
@@ -22,12 +21,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dicom_node.errors import JobNotFoundError
+from dicom_node.spool import UID_PATTERN
 from dicom_node.store import JobStore
 from dicom_node.web.auth import Guard
 
 __all__ = ["api_routes"]
 
-_UID = re.compile(r"^[0-9.]{1,64}$")
 
 
 def _job(store: JobStore, study_uid: str) -> dict[str, Any] | None:
@@ -47,7 +46,7 @@ def api_routes(store: JobStore, guard: Guard) -> list[Route]:
         if refused is not None:
             return refused
         uid = str(request.path_params["study_uid"])
-        if not _UID.match(uid):
+        if not UID_PATTERN.match(uid):
             return JSONResponse({"error": "not a Study Instance UID"}, status_code=400)
         return uid
 
