@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from dicom_node.net import free_port, wait_port  # noqa: E402
+from dicom_node.network.association import free_port, wait_port  # noqa: E402
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 RESULTS: dict[str, object] = {}
@@ -128,7 +128,7 @@ class Studies:
 
 
 def make_studies(tmp: Path, quick: bool) -> Studies:
-    from dicom_node.synthetic import make_lumbar_mr, make_spine_ct
+    from dicom_node.devtools.phantoms import make_lumbar_mr, make_spine_ct
 
     mr = make_lumbar_mr(tmp / "mr100", slices=50, size=256)  # T2 + T1: 100 instances
     ct = make_spine_ct(tmp / "ct300", slices=100 if quick else 300, size=512)
@@ -194,10 +194,10 @@ def run_overhead(tmp: Path, paths: Sequence[Path], associations: int = 1) -> dic
     from zero_model import ZeroLatencyModel
 
     from dicom_node.config import load_config
+    from dicom_node.jobs.sqlite import SQLiteJobStore
     from dicom_node.node import ReceivingNode
-    from dicom_node.pipeline import Pipeline
-    from dicom_node.store import SQLiteJobStore
-    from dicom_node.worker import Worker
+    from dicom_node.work.pipeline import Pipeline
+    from dicom_node.work.worker import Worker
     from inference.study import load_study
 
     study_uid = str(load_study(paths[:1]).study_instance_uid)
@@ -272,7 +272,7 @@ def bench_overhead(tmp: Path, studies: Studies) -> None:
 
 # --------------------------------------------------------------------------------------------- 3. memory
 def bench_memory(tmp: Path, quick: bool) -> None:
-    from dicom_node.synthetic import make_spine_ct
+    from dicom_node.devtools.phantoms import make_spine_ct
 
     n = 150 if quick else 500
     ct = list(make_spine_ct(tmp / f"ct{n}", slices=n, size=512).paths)
@@ -299,7 +299,7 @@ def bench_memory(tmp: Path, quick: bool) -> None:
 
 # --------------------------------------------------------------------------------------------- 4. scaling
 def bench_scaling(tmp: Path, quick: bool) -> None:
-    from dicom_node.synthetic import make_spine_ct
+    from dicom_node.devtools.phantoms import make_spine_ct
 
     sizes = [100, 300] if quick else [100, 300, 1000]
     assocs = [1, 4] if quick else [1, 4, 16]
@@ -352,7 +352,7 @@ def plot(by_size: list[dict[str, float]], by_assoc: list[dict[str, float]], out:
 
 # --------------------------------------------------------------------------------------------- 5. model
 def bench_model(tmp: Path) -> None:
-    from dicom_node.synthetic import make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
+    from dicom_node.devtools.phantoms import make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
     from inference.backends import load_model
     from inference.demo_model import build_demo_model
     from inference.preprocess import prepare_inputs

@@ -12,9 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zero_model import ZeroLatencyModel
 
 from dicom_node.config import load_config
-from dicom_node.pipeline import Pipeline
-from dicom_node.store import JobState, SQLiteJobStore
-from dicom_node.worker import Worker
+from dicom_node.jobs.model import JobState
+from dicom_node.jobs.sqlite import SQLiteJobStore
+from dicom_node.work.pipeline import Pipeline
+from dicom_node.work.worker import Worker
 
 
 def main() -> int:

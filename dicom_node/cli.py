@@ -63,8 +63,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_recover_slots(args: argparse.Namespace) -> int:
-    from dicom_node.receive import recover_host
-    from dicom_node.store import open_store
+    from dicom_node.ingest.receive import recover_host
+    from dicom_node.jobs.stores import open_store
 
     config = _config(args)
     store = open_store(config)
@@ -81,8 +81,8 @@ def cmd_recover_slots(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from dicom_node.pipeline import Pipeline, output_kind
-    from dicom_node.worker import write_dataset_atomic
+    from dicom_node.work.pipeline import Pipeline, output_kind
+    from dicom_node.work.worker import write_dataset_atomic
     from inference.study import load_study
 
     config = _config(args)
@@ -109,7 +109,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.store import JobState, open_store
+    from dicom_node.jobs.model import JobState
+    from dicom_node.jobs.stores import open_store
 
     config = _config(args)
     if config.store.url is None and not config.db_path.exists():
@@ -154,7 +155,7 @@ def _job_dict(j: object) -> dict[str, object]:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.config import DestinationConfig
-    from dicom_node.export import echo
+    from dicom_node.delivery.cstore import echo
 
     config = _config(args)
     if args.host:
@@ -192,7 +193,7 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dicom_node.demo import run_demo
+    from dicom_node.devtools.demo import run_demo
 
     return run_demo(
         workdir=args.workdir, kind=args.kind, keep_running=args.keep_running, model_dir=args.model_dir
@@ -200,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_orthanc_config(args: argparse.Namespace) -> int:
-    from dicom_node.orthanc_config import node_destination_toml, orthanc_config
+    from dicom_node.ops.orthanc_config import node_destination_toml, orthanc_config
 
     config = _config(args)
     snippet = orthanc_config(
@@ -221,14 +222,14 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from dicom_node.doctor import print_report, run_doctor
+    from dicom_node.ops.doctor import print_report, run_doctor
 
     results = run_doctor(_config(args), args.config, skip_echo=args.no_echo)
     return print_report(results)
 
 
 def cmd_viewer(args: argparse.Namespace) -> int:
-    from dicom_node.viewer import run_viewer
+    from dicom_node.devtools.viewer import run_viewer
 
     return run_viewer(port=args.port, host=args.host, demo=args.demo, storage=args.storage,
                       workdir=args.workdir, model_dir=args.model_dir)

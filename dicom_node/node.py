@@ -16,11 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from dicom_node.completeness import CompletenessMonitor
 from dicom_node.config import NodeConfig
+from dicom_node.ingest.receive import Receiver
+from dicom_node.jobs.completeness import CompletenessMonitor
+from dicom_node.jobs.stores import open_store
 from dicom_node.log import get_logger
-from dicom_node.receive import Receiver
-from dicom_node.store import open_store
 
 __all__ = ["ReceivingNode", "run_serve", "run_worker", "worker_command"]
 
@@ -36,7 +36,7 @@ class ReceivingNode:
         self.store = open_store(config)
         self.receiver = Receiver(config, self.store)
         self.monitor = CompletenessMonitor(config.completeness, self.store)
-        from dicom_node.ops import NodeOps  # HTTP side (health, metrics, jobs page) + spool retention
+        from dicom_node.ops.server import NodeOps  # HTTP side (health, metrics, jobs page) + spool retention
 
         self.ops = NodeOps(config, self.store, self.receiver)
 
@@ -73,7 +73,7 @@ def worker_command(config_path: Path | None) -> list[str]:
 
 def run_worker(config: NodeConfig, *, parent_pid: int | None = None) -> int:
     """Run the worker loop until SIGTERM/SIGINT (or the parent process is gone)."""
-    from dicom_node.worker import Worker
+    from dicom_node.work.worker import Worker
 
     store = open_store(config)
     worker = Worker(config, store)

@@ -132,7 +132,7 @@ def _uids(value: Any, key: str) -> frozenset[str]:
 
 
 class NodeApi:
-    """:class:`NodeView` over the node's HTTP API (``/api/v1``, :mod:`dicom_node.web.api`).
+    """:class:`NodeView` over the node's HTTP API (``/api/v1``, :mod:`dicom_node.ops.web.api`).
 
     Parameters
     ----------

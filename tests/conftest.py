@@ -17,7 +17,7 @@ import psycopg
 import pydicom
 import pytest
 
-from dicom_node.net import free_port, wait_port  # re-exported: the tests import them from here
+from dicom_node.network.association import free_port, wait_port  # re-exported: the tests import them from here
 
 __all__ = ["free_port", "wait_port"]
 
@@ -191,7 +191,7 @@ class NodeProcess:
             self.proc.wait(timeout=60)
 
     def store(self):  # type: ignore[no-untyped-def]
-        from dicom_node.store import SQLiteJobStore
+        from dicom_node.jobs.sqlite import SQLiteJobStore
 
         return SQLiteJobStore(self.data_dir / "jobs.sqlite3")
 

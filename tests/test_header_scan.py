@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.filereader import read_preamble
 
-from dicom_node.header import HeaderFields, scan_header
-from dicom_node.synthetic import make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
+from dicom_node.devtools.phantoms import make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
+from dicom_node.ingest.header import HeaderFields, scan_header
 
 
 def _dataset_bytes(path: Path) -> tuple[bytes, str] | None:

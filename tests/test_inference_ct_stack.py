@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import RLELossless
 
-from dicom_node import synthetic
+from dicom_node.devtools import phantoms as synthetic
 from inference import preprocess
 from inference.findings import ImagePlane
 from inference.inputs import ModelInput

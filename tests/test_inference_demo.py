@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from dicom_node import synthetic
+from dicom_node.devtools import phantoms as synthetic
 from inference.backends import load_model
 from inference.backends import transformers_backend as tb
 from inference.backends.demo import DemoBackend

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from dicom_node.net import free_port
+from dicom_node.network.association import free_port
 from inference.backends import load_model
 from inference.backends.openai_backend import ANSWER_ATTEMPTS, OpenAIBackend
 from inference.demo_model import build_demo_model

@@ -11,7 +11,7 @@ import pydicom
 import pydicom.data
 import pytest
 
-from dicom_node import synthetic
+from dicom_node.devtools import phantoms as synthetic
 from inference.errors import UnusableStudyError
 from inference.findings import ImagePlane
 from inference.inputs import ModelInput

@@ -26,13 +26,13 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import load_config
-from dicom_node.dimse import Command, decode_command, echo_response, store_response
+from dicom_node.devtools.phantoms import make_lumbar_mr
 from dicom_node.errors import ProtocolError, StoreError
-from dicom_node.indexer import reconcile
+from dicom_node.ingest.indexer import reconcile
+from dicom_node.ingest.spool import Spool, part10_header
+from dicom_node.network.dimse import Command, decode_command, echo_response, store_response
+from dicom_node.network.upper_layer import MAX_PDU_LENGTH, p_data_pdu
 from dicom_node.node import ReceivingNode
-from dicom_node.spool import Spool, part10_header
-from dicom_node.synthetic import make_lumbar_mr
-from dicom_node.upper_layer import MAX_PDU_LENGTH, p_data_pdu
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 

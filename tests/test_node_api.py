@@ -1,4 +1,4 @@
-"""The node's ``/api/v1`` (dicom_node.web.api) and the plugin's client of it (orthanc_plugin.nodestore.NodeApi):
+"""The node's ``/api/v1`` (dicom_node.ops.web.api) and the plugin's client of it (orthanc_plugin.nodestore.NodeApi):
 a real node with its HTTP server on loopback, a study received over DICOM, our result recorded; the plugin's
 client reads the same answers as its read-only view of the SQLite job store."""
 
@@ -17,10 +17,10 @@ from starlette.testclient import TestClient
 from test_sr_support import CREATED_AT, lumbar_mr_case
 
 from dicom_node.config import load_config
+from dicom_node.devtools.phantoms import SyntheticStudy, make_lumbar_mr
 from dicom_node.errors import ConfigError
+from dicom_node.jobs.model import JobState, OutputRecord
 from dicom_node.node import ReceivingNode
-from dicom_node.store import JobState, OutputRecord
-from dicom_node.synthetic import SyntheticStudy, make_lumbar_mr
 from orthanc_plugin.nodestore import NodeApi, NodeInstances, NodeJobStore, NodeStoreUnavailable
 from sr_templates import OutputOptions, build_outputs
 

@@ -26,7 +26,7 @@ from conftest import (
 )
 from pydicom.uid import Comprehensive3DSRStorage
 
-from dicom_node.synthetic import make_chest_radiograph, make_lumbar_mr
+from dicom_node.devtools.phantoms import make_chest_radiograph, make_lumbar_mr
 
 pytestmark = pytest.mark.slow
 

@@ -24,9 +24,10 @@ import pytest
 from conftest import REPO, free_port, storescu, wait_port
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from dicom_node.devtools.phantoms import SyntheticStudy, make_lumbar_mr
+from dicom_node.jobs.model import JobState
+from dicom_node.jobs.sqlite import SQLiteJobStore
 from dicom_node.log import phi_hash
-from dicom_node.store import JobState, SQLiteJobStore
-from dicom_node.synthetic import SyntheticStudy, make_lumbar_mr
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import REPO, free_port
 
 from dicom_node.config import load_config
-from dicom_node.doctor import run_doctor
+from dicom_node.ops.doctor import run_doctor
 
 
 def test_doctor_reports_each_check(tmp_path: Path, demo_model_dir: Path) -> None:

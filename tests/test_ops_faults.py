@@ -28,14 +28,14 @@ from pynetdicom import _config as pnd_config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeConfig, load_config
-from dicom_node.metrics import render_metrics
+from dicom_node.devtools.phantoms import make_lumbar_mr
+from dicom_node.ingest.spool import study_key
+from dicom_node.jobs.model import JobState, OutputRecord
 from dicom_node.node import ReceivingNode
-from dicom_node.pipeline import Pipeline
-from dicom_node.retention import RetentionTask
-from dicom_node.spool import study_key
-from dicom_node.store import JobState, OutputRecord
-from dicom_node.synthetic import make_lumbar_mr
-from dicom_node.worker import Worker
+from dicom_node.ops.metrics import render_metrics
+from dicom_node.ops.retention import RetentionTask
+from dicom_node.work.pipeline import Pipeline
+from dicom_node.work.worker import Worker
 
 pytestmark = pytest.mark.slow
 

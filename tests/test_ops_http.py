@@ -20,12 +20,12 @@ import pytest
 from conftest import StoreSCP, start_storescp, storescu
 
 from dicom_node.config import load_config
+from dicom_node.devtools.phantoms import SyntheticStudy, make_lumbar_mr
+from dicom_node.jobs.model import JobState
 from dicom_node.log import phi_hash
 from dicom_node.node import ReceivingNode
-from dicom_node.pipeline import Pipeline
-from dicom_node.store import JobState
-from dicom_node.synthetic import SyntheticStudy, make_lumbar_mr
-from dicom_node.worker import Worker
+from dicom_node.work.pipeline import Pipeline
+from dicom_node.work.worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -24,12 +24,12 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import DestinationConfig, load_config
+from dicom_node.delivery.cstore import echo, send_files
+from dicom_node.devtools.phantoms import make_lumbar_mr
 from dicom_node.errors import ConfigError
-from dicom_node.export import echo, send_files
 from dicom_node.log import phi_hash
+from dicom_node.network.tls import server_context
 from dicom_node.node import ReceivingNode
-from dicom_node.synthetic import make_lumbar_mr
-from dicom_node.tls import server_context
 
 
 # ---------------------------------------------------------------------------------------------- a throwaway PKI

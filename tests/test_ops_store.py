@@ -35,8 +35,10 @@ from test_store import (  # noqa: F401  (collected by pytest)
 
 from dicom_node.config import load_config
 from dicom_node.errors import StoreError
-from dicom_node.store import JobState, JobStore, OutputRecord, SQLiteJobStore, open_store
-from dicom_node.store_pg import PostgresJobStore
+from dicom_node.jobs.model import JobState, JobStore, OutputRecord
+from dicom_node.jobs.postgres import PostgresJobStore
+from dicom_node.jobs.sqlite import SQLiteJobStore
+from dicom_node.jobs.stores import open_store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -93,7 +93,7 @@ def test_split_series_keeps_ours_out_of_the_sources() -> None:
 
 
 def test_synthetic_study_is_a_candidate_and_not_ours(tmp_path: Path) -> None:
-    from dicom_node.synthetic import make_lumbar_mr
+    from dicom_node.devtools.phantoms import make_lumbar_mr
 
     study = make_lumbar_mr(tmp_path, slices=2, size=32)
     ds = pydicom.dcmread(study.paths[0], stop_before_pixels=True)

@@ -23,7 +23,7 @@ import pytest
 from conftest import free_port, wait_port
 
 from dicom_node.config import load_config
-from dicom_node.orthanc_config import orthanc_config
+from dicom_node.ops.orthanc_config import orthanc_config
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
@@ -173,7 +173,7 @@ def test_generated_config_loads_the_plugin(tmp_path: Path) -> None:
     assert Path(snippet["PythonScript"]).is_file()
     assert snippet["DicomModalities"]["spinemed"] == {"AET": "SPINEMED", "Host": "127.0.0.1", "Port": 11999}
     # a job store must exist for the plugin to read; the node creates it (here: an empty one)
-    from dicom_node.store import SQLiteJobStore
+    from dicom_node.jobs.sqlite import SQLiteJobStore
 
     SQLiteJobStore(cfg.db_path).close()
     server = start_orthanc(tmp_path, snippet)

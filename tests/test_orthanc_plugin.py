@@ -22,8 +22,8 @@ from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 from test_orthanc_harness import OrthancServer, require_orthanc, start_orthanc
 
 from dicom_node.config import load_config
-from dicom_node.orthanc_config import orthanc_config
-from dicom_node.synthetic import make_chest_radiograph, make_lumbar_mr
+from dicom_node.devtools.phantoms import make_chest_radiograph, make_lumbar_mr
+from dicom_node.ops.orthanc_config import orthanc_config
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -197,7 +197,7 @@ def test_orthanc_on_another_host_reads_the_nodes_status_over_its_api_with_a_post
 ) -> None:
     """No job store file to share: the node keeps its jobs in PostgreSQL and the plugin reads each study's
     status over the node's /api/v1 with a bearer token that Orthanc takes from its own environment."""
-    from dicom_node.store_pg import PostgresJobStore
+    from dicom_node.jobs.postgres import PostgresJobStore
 
     require_orthanc("libOrthancPython.so", "libOrthancDicomWeb.so")
     token_env, token = "SPINEMED_TEST_API_TOKEN", "t0ken-" + generate_uid()[-40:]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port, require_tool, storescu, wait_port
 
-from dicom_node.audit import AuditTrail
-from dicom_node.synthetic import make_lumbar_mr
+from dicom_node.devtools.phantoms import make_lumbar_mr
+from dicom_node.ops.audit import AuditTrail
 
 UNITS = REPO / "systemd"
 INSTALLED_EXE = "/opt/spinemed-node/.venv/bin/spinemed-node"

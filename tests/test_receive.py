@@ -19,9 +19,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import load_config
+from dicom_node.devtools.phantoms import make_lumbar_mr
+from dicom_node.jobs.model import JobState
 from dicom_node.node import ReceivingNode
-from dicom_node.store import JobState
-from dicom_node.synthetic import make_lumbar_mr
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_many_concurrent_associations(node: ReceivingNode, tmp_path: Path) -> No
 
 
 def test_tcp_nodelay_on_both_ends(node: ReceivingNode, tmp_path: Path) -> None:
-    from dicom_node.net import nodelay_handlers
+    from dicom_node.network.association import nodelay_handlers
 
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)

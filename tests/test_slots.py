@@ -1,4 +1,4 @@
-"""Receive slots (dicom_node.slots): an instance acknowledged after one flush, the slot becoming its spool
+"""Receive slots (dicom_node.ingest.slots): an instance acknowledged after one flush, the slot becoming its spool
 file, and every state a crash can leave recovered.  Real files on the test's file system; the crash is a
 real process exit between the acknowledgement and the settling."""
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import dicom_node.slots as slots_module
+import dicom_node.ingest.slots as slots_module
 from dicom_node.errors import SpoolError
-from dicom_node.slots import CAPACITY, SLOT_BYTES, SlotSink, read_trailer, trailer
-from dicom_node.spool import Spool, SpoolFile, Stored, study_key
+from dicom_node.ingest.slots import CAPACITY, SLOT_BYTES, SlotSink, read_trailer, trailer
+from dicom_node.ingest.spool import Spool, SpoolFile, Stored, study_key
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -183,9 +183,9 @@ def test_one_process_at_a_time_holds_a_hosts_slots(spool: Spool, tmp_path: Path)
 # ------------------------------------------------------------------------------------------ crash recovery
 _CRASH = """
 import os, sys
-import dicom_node.slots
-from dicom_node.spool import Spool
-dicom_node.slots.BATCH_WINDOW_S = dicom_node.slots._PAUSE_S = 600  # settling waits for a batch that never fills
+import dicom_node.ingest.slots as slots
+from dicom_node.ingest.spool import Spool
+slots.BATCH_WINDOW_S = slots._PAUSE_S = 600  # settling waits for a batch that never fills
 spool = Spool(sys.argv[1], slots=4)
 spool.start()
 for i in range(3):
@@ -295,11 +295,11 @@ def test_a_trailer_naming_a_path_outside_the_spool_layout_is_never_followed(tmp_
 _CRASH_DICOM = """
 import io, os, sys
 import numpy as np
-import dicom_node.slots
+import dicom_node.ingest.slots
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-from dicom_node.spool import Spool
-dicom_node.slots.BATCH_WINDOW_S = dicom_node.slots._PAUSE_S = 600
+from dicom_node.ingest.spool import Spool
+dicom_node.ingest.slots.BATCH_WINDOW_S = dicom_node.ingest.slots._PAUSE_S = 600
 spool = Spool(sys.argv[1], slots=4)
 spool.start()
 for i in range(3):
@@ -330,7 +330,7 @@ time.sleep(120)
 
 
 def test_recover_slots_settles_and_records_what_a_host_gone_for_good_left_in_a_shared_spool(tmp_path: Path) -> None:
-    from dicom_node.store import SQLiteJobStore
+    from dicom_node.jobs.sqlite import SQLiteJobStore
 
     data = tmp_path / "data"
     config = tmp_path / "node.toml"

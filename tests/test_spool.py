@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.spool import LEGACY_PART_AGE_S, Spool, Stored
+from dicom_node.ingest.spool import LEGACY_PART_AGE_S, Spool, Stored
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from dicom_node.synthetic import SyntheticStudy, make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
+from dicom_node.devtools.phantoms import SyntheticStudy, make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
 from inference.findings import (
     Evidence,
     ImagePlane,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.errors import StoreError
-from dicom_node.store import InstanceRecord, JobState, OutputRecord, SQLiteJobStore
+from dicom_node.jobs.model import InstanceRecord, JobState, OutputRecord
+from dicom_node.jobs.sqlite import SQLiteJobStore
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 

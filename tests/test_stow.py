@@ -1,4 +1,4 @@
-"""STOW-RS export (``dicom_node.stow``) against a real Orthanc with its DICOMweb plugin.
+"""STOW-RS export (``dicom_node.delivery.stow``) against a real Orthanc with its DICOMweb plugin.
 
 The Orthanc here requires HTTP basic auth and refuses, with a Lua filter, any instance whose Patient ID
 is ``REFUSE-ME`` — so one request can come back with both a Referenced and a Failed SOP Sequence.
@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 from test_orthanc_harness import OrthancServer, require_orthanc, start_orthanc
 
 from dicom_node.config import DestinationConfig
-from dicom_node.export import deliver
-from dicom_node.stow import parse_stow_response, send_files_stow
-from dicom_node.synthetic import make_lumbar_mr
+from dicom_node.delivery.dispatch import deliver
+from dicom_node.delivery.stow import parse_stow_response, send_files_stow
+from dicom_node.devtools.phantoms import make_lumbar_mr
 
 pytestmark = pytest.mark.orthanc
 

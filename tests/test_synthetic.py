@@ -1,4 +1,4 @@
-"""Tests for the synthetic spine phantoms (dicom_node.synthetic)."""
+"""Tests for the synthetic spine phantoms (dicom_node.devtools.phantoms)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.synthetic import (
+from dicom_node.devtools.phantoms import (
     SyntheticStudy,
     make_chest_radiograph,
     make_lumbar_mr,

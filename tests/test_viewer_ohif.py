@@ -31,7 +31,7 @@ import pytest
 from conftest import REPO, free_port
 from pydicom.uid import generate_uid
 
-from dicom_node.viewer import ViewerError, ViewerStack, ensure_ohif
+from dicom_node.devtools.viewer import ViewerError, ViewerStack, ensure_ohif
 from inference.findings import (
     Evidence,
     ImagePlane,
@@ -335,7 +335,7 @@ def _raw(stack: ViewerStack, path: str) -> bytes:
 def test_nginx_config_renders_and_nginx_accepts_it(tmp_path: Path) -> None:
     import subprocess
 
-    from dicom_node.viewer import NGINX, VIEWER_DIR, render_nginx_conf
+    from dicom_node.devtools.viewer import NGINX, VIEWER_DIR, render_nginx_conf
 
     run = tmp_path / "run"
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -351,7 +351,7 @@ def test_nginx_config_renders_and_nginx_accepts_it(tmp_path: Path) -> None:
 
 
 def test_ohif_pin_is_exact() -> None:
-    from dicom_node.viewer import ohif_pin
+    from dicom_node.devtools.viewer import ohif_pin
 
     pin = ohif_pin()
     assert pin.package == "@ohif/app" and re.fullmatch(r"3\.13\.\d+", pin.version)
@@ -365,7 +365,7 @@ def test_without_npm_the_message_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_a_tarball_that_does_not_match_the_pin_is_refused(tmp_path: Path, ohif_dist: Path) -> None:
-    from dicom_node.viewer import OhifPin, ohif_pin
+    from dicom_node.devtools.viewer import OhifPin, ohif_pin
 
     pin = ohif_pin()
     wrong = OhifPin(pin.package, pin.version, "sha512-" + "A" * 86 + "==")

@@ -10,11 +10,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node import synthetic
 from dicom_node.config import load_config
-from dicom_node.pipeline import Pipeline
-from dicom_node.store import InstanceRecord, JobState, SQLiteJobStore
-from dicom_node.worker import HeaderCache
+from dicom_node.devtools import phantoms as synthetic
+from dicom_node.jobs.model import InstanceRecord, JobState
+from dicom_node.jobs.sqlite import SQLiteJobStore
+from dicom_node.work.pipeline import Pipeline
+from dicom_node.work.worker import HeaderCache
 from inference.study import load_study, read_header
 
 
@@ -113,8 +114,8 @@ def test_warm_up_loads_stage_code_and_freezes_it(tmp_path: Path) -> None:
 
 
 def test_completeness_check_and_idle_worker_wake_when_a_study_falls_due(tmp_path: Path) -> None:
-    from dicom_node.completeness import CompletenessMonitor, due_at
-    from dicom_node.worker import Worker
+    from dicom_node.jobs.completeness import CompletenessMonitor, due_at
+    from dicom_node.work.worker import Worker
 
     paths = list(synthetic.make_spine_ct(tmp_path / "ct", slices=8, size=64).paths)
     cfg = load_config(

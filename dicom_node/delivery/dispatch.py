@@ -1,0 +1,22 @@
+"""Send result objects to one destination by its type: C-STORE (``dicom``) or STOW-RS (``dicomweb``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node.config import DestinationConfig
+from dicom_node.delivery.cstore import send_files
+from dicom_node.delivery.result import SendResult
+from dicom_node.delivery.stow import send_files_stow
+
+__all__ = ["deliver"]
+
+
+def deliver(
+    dest: DestinationConfig, paths: Sequence[Path], *, calling_ae: str, timeout_s: float = 60.0
+) -> list[SendResult]:
+    """Send ``paths`` to ``dest`` by its type: C-STORE (``dicom``) or STOW-RS (``dicomweb``)."""
+    if dest.type == "dicomweb":
+        return send_files_stow(dest, paths, timeout_s=timeout_s)
+    return send_files(dest, paths, calling_ae=calling_ae, timeout_s=timeout_s)

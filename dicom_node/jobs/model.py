@@ -1,0 +1,203 @@
+"""The job model: one job per study, its states, and the records the stores keep.
+
+States::
+
+    receiving ──quiet/force──▶ complete ──claim──▶ inferring ──▶ reporting ──▶ exporting ──▶ done
+                                   ▲                    │              │            │
+                                   └── retry / lease ───┴──────────────┘            ├─▶ failed (reason)
+    skipped (reason)   new instance after done/skipped/failed ──▶ receiving (next revision)
+
+:class:`JobStore` is the interface the rest of the node uses; :mod:`dicom_node.jobs.machine` implements it
+once in SQL, and :mod:`dicom_node.jobs.sqlite` / :mod:`dicom_node.jobs.postgres` supply the dialects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "JOB_COLUMNS",
+    "Delivery",
+    "InstanceRecord",
+    "Job",
+    "JobState",
+    "JobStore",
+    "OpsStats",
+    "OutputRecord",
+    "job_from_row",
+]
+
+
+class JobState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    INFERRING = "inferring"
+    REPORTING = "reporting"
+    EXPORTING = "exporting"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+#: States in which the worker owns the job.
+ACTIVE_STATES = frozenset({JobState.INFERRING, JobState.REPORTING, JobState.EXPORTING})
+#: States a job rests in until new instances or a person's retry.
+FINAL_STATES = frozenset({JobState.DONE, JobState.SKIPPED, JobState.FAILED})
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    series_description: str
+    path: str
+    transfer_syntax_uid: str
+    size: int
+    calling_ae: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_instance_uid: str
+    state: JobState
+    revision: int
+    attempts: int
+    reason: str | None
+    source: str
+    instance_count: int
+    first_received_at: float | None
+    last_received_at: float | None
+    completed_at: float | None
+    created_at: float
+    updated_at: float
+    next_attempt_at: float | None
+    lease_owner: str | None
+    lease_until: float | None
+    pending_update: bool
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    sop_instance_uid: str
+    study_instance_uid: str
+    revision: int
+    kind: str
+    sop_class_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    output_uid: str
+    destination: str
+    state: str
+    attempts: int
+    last_status: str | None
+    last_error: str | None
+    next_attempt_at: float | None
+    delivered_at: float | None
+
+
+@dataclass(frozen=True)
+class OpsStats:
+    """Aggregates for ``/metrics``, read from the store so every process (and node) sees the same numbers."""
+
+    counts: dict[str, int]
+    inference_seconds: list[float]  # per analysed job: reporting - inferring of its latest analysis
+    delivery_attempts: int  # every C-STORE/STOW attempt recorded
+    delivery_failed_attempts: int  # attempts that did not deliver (each one led to a retry or a give-up)
+    deliveries_failed: int  # deliveries that ran out of attempts
+    deliveries_delivered: int
+
+
+class JobStore(Protocol):
+    """What the receiver, the scheduler and the worker need from durable storage."""
+
+    def record_instance(self, rec: InstanceRecord, *, source: str = "dicom") -> bool: ...
+    def record_instances(self, recs: Sequence[InstanceRecord], *, source: str = "dicom") -> list[bool]: ...
+    def instance_paths(self) -> set[str]: ...
+    def complete_due(
+        self, now: float, quiet_s: float, force_s: float, required_series: Sequence[str] = ()
+    ) -> list[Job]: ...
+    def restart_quiet_timers(self, now: float) -> int: ...
+    def claim(self, owner: str, now: float, lease_s: float) -> Job | None: ...
+    def transition(self, job_id: int, owner: str, to: JobState, *, reason: str | None = None) -> Job: ...
+    def release(self, job_id: int, owner: str) -> None: ...
+    def finish_report(
+        self,
+        job_id: int,
+        owner: str,
+        revision: int,
+        outputs: Sequence[OutputRecord],
+        destinations: Sequence[str],
+    ) -> Job: ...
+    def get(self, job_id: int) -> Job: ...
+    def by_study(self, study_uid: str) -> Job: ...
+    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]: ...
+    def instances(self, study_uid: str) -> list[InstanceRecord]: ...
+    def outputs(self, study_uid: str, revision: int | None = None) -> list[OutputRecord]: ...
+    def deliveries(self, study_uid: str, revision: int | None = None) -> list[Delivery]: ...
+    def record_delivery(
+        self,
+        output_uid: str,
+        destination: str,
+        ok: bool,
+        status: str | None,
+        error: str | None,
+        next_attempt_at: float | None,
+        give_up: bool,
+    ) -> None: ...
+    def set_next_attempt(self, job_id: int, owner: str, at: float) -> None: ...
+    def force_release(self, job_id: int) -> None: ...
+    def retry(self, job_id: int) -> Job: ...
+    def counts(self) -> dict[str, int]: ...
+    def events(self, study_uid: str) -> list[dict[str, Any]]: ...
+    def ops_stats(self) -> OpsStats: ...
+    def schema_version(self) -> str | None: ...
+    def close(self) -> None: ...
+
+
+JOB_COLUMNS = (
+    "id, study_uid, state, revision, attempts, reason, source, instance_count, first_received_at, "
+    "last_received_at, completed_at, created_at, updated_at, next_attempt_at, lease_owner, lease_until, "
+    "pending_update, timings"
+)
+
+
+def job_from_row(row: Sequence[Any]) -> Job:
+    """A ``jobs`` row (:data:`JOB_COLUMNS`) as a :class:`Job`; ``timings`` is JSON text (SQLite) or already
+    decoded (PostgreSQL's ``jsonb``)."""
+    r = tuple(row)
+    timings = json.loads(r[17]) if isinstance(r[17], str | bytes) else r[17]
+    return Job(
+        id=int(r[0]),
+        study_instance_uid=r[1],
+        state=JobState(r[2]),
+        revision=r[3],
+        attempts=r[4],
+        reason=r[5],
+        source=r[6],
+        instance_count=r[7],
+        first_received_at=r[8],
+        last_received_at=r[9],
+        completed_at=r[10],
+        created_at=r[11],
+        updated_at=r[12],
+        next_attempt_at=r[13],
+        lease_owner=r[14],
+        lease_until=r[15],
+        pending_update=bool(r[16]),
+        timings={str(k): float(v) for k, v in (timings or {}).items()},
+    )

@@ -1,0 +1,148 @@
+"""The pipeline, composed in one visible place:
+
+    select (routing rules) → preprocess (inference.preprocess) → predict (a SpineModel backend)
+    → report (sr_templates) → [export: the worker, durable and retried]
+
+Each stage is a plain function with typed inputs and outputs.  ``spinemed-node analyze`` runs the
+same :class:`Pipeline` on files, without network or job store.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
+
+from dicom_node.config import NodeConfig
+from dicom_node.jobs.rules import Selection, select_series
+from dicom_node.log import get_logger
+from inference.study import Study
+
+if TYPE_CHECKING:
+    from inference.findings import SpineFindings
+    from inference.inputs import SpineModel
+    from sr_templates import OutputOptions
+
+__all__ = ["Outcome", "Pipeline", "output_kind"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What one pipeline run produced."""
+
+    selection: Selection
+    findings: SpineFindings | None = None
+    datasets: list[Dataset] = field(default_factory=list)
+    skipped_reason: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def output_kind(ds: Dataset) -> str:
+    """``measurement_report`` (TID 1500), ``narrative_report`` (other SR) or ``key_image``."""
+    sop_class = str(ds.SOPClassUID)
+    if sop_class == Comprehensive3DSRStorage:
+        return "measurement_report"
+    if str(ds.get("Modality", "")) == "SR":
+        return "narrative_report"
+    return "key_image"
+
+
+class Pipeline:
+    """select → preprocess → predict → report, with the model loaded once.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    model
+        A loaded model; ``None`` loads the configured backend on first use.
+    """
+
+    def __init__(self, config: NodeConfig, model: SpineModel | None = None) -> None:
+        self.config = config
+        self._model = model
+
+    @property
+    def model(self) -> SpineModel:
+        if self._model is None:
+            from inference.backends import load_model
+
+            self._model = load_model(self.config.model, data_dir=self.config.node.data_dir)
+        return self._model
+
+    def output_options(self) -> OutputOptions:
+        from sr_templates import OutputOptions
+
+        o = self.config.output
+        return OutputOptions(
+            institution_name=o.institution_name,
+            institution_department_name=o.institution_department_name,
+            series_number=o.series_number,
+            key_image=o.key_image,
+            uid_prefix=o.uid_prefix,
+        )
+
+    def warm_up(self) -> float:
+        """Pay the one-time costs of the stages before the first study (as the model load is): import the
+        preprocessing and report code (SimpleITK, pydicom's pixel handlers, highdicom) and load the tables
+        highdicom reads on first use.  Returns the seconds it took.
+        """
+        import importlib
+
+        t0 = time.perf_counter()
+        for name in ("inference.preprocess", "sr_templates", "SimpleITK", "pydicom.pixels.processing", "PIL.Image"):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the stage that needs it reports it
+                log.warning("warm-up: module not importable", module=name)
+        try:  # highdicom's IOD / module tables (parsed JSON, cached by highdicom on first use: ~0.4 s)
+            standard = importlib.import_module("highdicom._standard_utils")
+            for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+                getattr(standard, loader)()
+        except (ImportError, AttributeError, OSError, ValueError):
+            pass  # a highdicom without these private helpers: it loads them on first use instead
+        # what is loaded now lives as long as the worker: keep the garbage collector from walking its
+        # millions of objects (highdicom's tables) again in a full collection during the first studies
+        gc.collect()
+        gc.freeze()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ stages
+    def select(self, study: Study) -> Selection:
+        return select_series(study, self.config.routing.rules)
+
+    def run(self, study: Study, *, revision: int = 1, predecessors: Sequence[Dataset] = ()) -> Outcome:
+        """Run every stage but export.
+
+        Raises
+        ------
+        inference.errors.InferenceError
+            The study could not be analysed (unusable images, model failure, time-out).
+        """
+        from inference.preprocess import prepare_inputs
+        from sr_templates import build_outputs
+
+        t0 = time.perf_counter()
+        selection = self.select(study)
+        outcome = Outcome(selection=selection)
+        if not selection.series_uids:
+            outcome.skipped_reason = selection.skip_reason
+            return outcome
+        t1 = time.perf_counter()
+        inputs = prepare_inputs(study, selection.series_uids, self.config.model)
+        t2 = time.perf_counter()
+        findings = self.model.analyze(inputs)
+        t3 = time.perf_counter()
+        datasets = build_outputs(study, findings, self.output_options(), revision=revision, predecessors=predecessors)
+        t4 = time.perf_counter()
+        outcome.findings = findings
+        outcome.datasets = list(datasets)
+        outcome.seconds = {"select": t1 - t0, "preprocess": t2 - t1, "predict": t3 - t2, "report": t4 - t3}
+        return outcome
