@@ -1,21 +1,35 @@
-"""The exception tree of the node."""
+"""The exception tree of the node.
+
+Every error says whether trying again later can help: :attr:`NodeError.transient`.  The worker and the
+export read that mark (:func:`is_transient`) — a transient failure (a destination or model server down, a
+busy database, a full disk) is retried with the persisted backoff; a permanent one (bad input, a refusal
+that will not change) fails the job with its reason at once.  Messages never carry patient identifiers
+or UIDs: they end up in logs and in a job's reason.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 __all__ = [
     "ConfigError",
     "ExportError",
+    "InvalidInstanceError",
     "JobNotFoundError",
     "NodeError",
     "PeerClosed",
     "ProtocolError",
     "SpoolError",
     "StoreError",
+    "is_transient",
 ]
 
 
 class NodeError(Exception):
     """Base class of the node's own errors."""
+
+    #: whether the same operation may succeed later without anyone changing anything
+    transient: ClassVar[bool] = False
 
 
 class ConfigError(NodeError, ValueError):
@@ -23,19 +37,31 @@ class ConfigError(NodeError, ValueError):
 
 
 class StoreError(NodeError):
-    """The job store could not record or read a state change."""
+    """The job store could not record or read a state change (unreachable, busy, broken connection)."""
+
+    transient = True
 
 
 class JobNotFoundError(StoreError, KeyError):
     """No job for that study or id."""
 
+    transient = False
+
 
 class SpoolError(NodeError, OSError):
-    """A received instance could not be written durably."""
+    """A received instance could not be written durably (disk full, I/O error): the sender retries."""
+
+    transient = True
+
+
+class InvalidInstanceError(NodeError, ValueError):
+    """A received instance can never be stored as sent (an invalid UID, an undecodable data set)."""
 
 
 class ExportError(NodeError):
     """A destination refused or could not be reached."""
+
+    transient = True
 
 
 class ProtocolError(NodeError):
@@ -49,3 +75,11 @@ class ProtocolError(NodeError):
 
 class PeerClosed(NodeError):
     """A peer closed the TCP connection."""
+
+    transient = True
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is marked transient (any package's tree: ``transient`` class attribute); unmarked
+    exceptions — bugs, unexpected library errors — count as permanent."""
+    return bool(getattr(exc, "transient", False))

@@ -446,3 +446,48 @@ def test_destination_down_then_up_delivers_and_failed_jobs_retry(tmp_path: Path,
             if scp is not None:
                 scp.proc.terminate()
                 scp.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("status", "attempts_expected"), [(0xA900, 1), (0x0122, 1), (0xA700, 3)])
+def test_permanent_refusal_fails_at_once_transient_is_retried(tmp_path: Path, pipeline: Pipeline, status: int,
+                                                              attempts_expected: int) -> None:
+    """A destination refusing with 0xA900 / 0x0122 (no retry can change it) fails the job after one attempt
+    with the reason; 0xA700 (out of resources) is retried up to export.max_attempts."""
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    seen: list[int] = []
+
+    def refuse(event: Any) -> int:
+        seen.append(1)
+        return status
+
+    dest = AE(ae_title="RESULTS")
+    dest.supported_contexts = AllStoragePresentationContexts
+    dest_port = free_port()
+    server = dest.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, refuse)])
+    cfg = _config(tmp_path / "data", destinations=[{"name": "pacs", "ae_title": "RESULTS", "host": "127.0.0.1",
+                                                   "port": dest_port}],
+                  export={"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 0.4, "timeout_s": 5},
+                  model={"backend": "demo", "path": str(pipeline.config.model_dir)},
+                  worker={"poll_interval_s": 0.05})
+    try:
+        with _node(cfg) as n:
+            worker = Worker(cfg, n.store, pipeline=Pipeline(cfg, model=pipeline.model))
+            wt = threading.Thread(target=worker.run_forever, daemon=True)
+            wt.start()
+            try:
+                st = make_lumbar_mr(tmp_path / "mr", slices=5, size=96, seed=21)
+                assert storescu(n.receiver.port, list(st.paths)).returncode == 0
+                job = _wait(lambda: (j := n.store.by_study(st.study_instance_uid)).state is JobState.FAILED and j,
+                            120, "failed")
+                assert {d.attempts for d in n.store.deliveries(st.study_instance_uid)} == {attempts_expected}
+                assert f"0x{status:04X}" in (job.reason or "")
+                if attempts_expected == 1:
+                    assert (job.reason or "").startswith("delivery refused:") and "(permanent)" in job.reason
+                else:
+                    assert "delivery failed after 3 attempts" in (job.reason or "")
+            finally:
+                worker.stop()
+                wt.join(timeout=30)
+    finally:
+        server.shutdown()

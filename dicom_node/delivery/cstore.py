@@ -15,7 +15,7 @@ from pydicom import uid
 from pynetdicom import AE, build_context
 
 from dicom_node.config import DestinationConfig
-from dicom_node.delivery.result import SendResult
+from dicom_node.delivery.result import SendResult, status_is_permanent
 from dicom_node.network.association import STATUS_SUCCESS, WARNING_STATUSES, nodelay_handlers
 from dicom_node.network.tls import client_tls_args
 
@@ -75,7 +75,8 @@ def send_files(
             elif code == STATUS_SUCCESS or code in WARNING_STATUSES:
                 results.append(SendResult(path, sop, True, code, None))
             else:
-                results.append(SendResult(path, sop, False, code, f"refused with status 0x{code:04X}"))
+                results.append(SendResult(path, sop, False, code, f"refused with status 0x{code:04X}",
+                                          permanent=status_is_permanent(code)))
     finally:
         if assoc.is_established:
             assoc.release()

@@ -30,7 +30,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from dicom_node.config import DestinationConfig
-from dicom_node.delivery.result import SendResult
+from dicom_node.delivery.result import SendResult, status_is_permanent
 from dicom_node.log import get_logger
 
 __all__ = ["parse_stow_response", "send_files_stow"]
@@ -91,8 +91,8 @@ def parse_stow_response(body: dict[str, Any]) -> dict[str, tuple[bool, int | Non
     return out
 
 
-def _all_failed(items: Sequence[tuple[Path, str]], why: str) -> list[SendResult]:
-    return [SendResult(path, sop, False, None, why) for path, sop in items]
+def _all_failed(items: Sequence[tuple[Path, str]], why: str, permanent: bool = False) -> list[SendResult]:
+    return [SendResult(path, sop, False, None, why, permanent=permanent) for path, sop in items]
 
 
 def _session(dest: DestinationConfig) -> tuple[requests.Session, str | None]:
@@ -178,7 +178,9 @@ def _stow(
         code = response.status_code if response is not None else None
         if body is None:
             reason = response.reason if response is not None else ""
-            return _all_failed(items, f"STOW-RS to {dest.name} answered HTTP {code} {reason}".rstrip())
+            # 4xx (but 408 time-out, 429 too many requests) will not change by retrying; 5xx may
+            permanent = code is not None and 400 <= code < 500 and code not in (408, 429)
+            return _all_failed(items, f"STOW-RS to {dest.name} answered HTTP {code} {reason}".rstrip(), permanent)
         log.warning("STOW-RS partly refused", destination=dest.name, http_status=code)
     except requests.Timeout:
         return _all_failed(items, f"STOW-RS to {dest.name}: no answer within {timeout_s:g} s")
@@ -193,7 +195,8 @@ def _stow(
     for path, sop in items:
         if sop in outcome:
             ok, status, error = outcome[sop]
-            out.append(SendResult(path, sop, ok, status, error))
+            out.append(SendResult(path, sop, ok, status, error,
+                                  permanent=not ok and status is not None and status_is_permanent(status)))
         else:
             out.append(SendResult(path, sop, False, None, "not acknowledged in the STOW-RS response"))
     return out

@@ -333,6 +333,8 @@ class Worker:
                 else time.time() + backoff_delay(attempts, cfg.export.backoff_initial_s, cfg.export.backoff_max_s)
             )
             for r in results:
+                # a refusal retrying cannot change (SOP class not supported, HTTP 4xx) ends at once
+                final = give_up or (r.permanent and not r.delivered)
                 status = None if r.status is None else f"0x{r.status:04X}"
                 self.audit.record(
                     "result_sent",
@@ -341,7 +343,7 @@ class Worker:
                     sop=phi_hash(r.sop_instance_uid),
                     revision=job.revision,
                     attempt=attempts,
-                    outcome="delivered" if r.delivered else ("failed" if give_up else "retry"),
+                    outcome="delivered" if r.delivered else ("failed" if final else "retry"),
                     status=status,
                     error=r.error,
                 )
@@ -351,13 +353,14 @@ class Worker:
                     r.delivered,
                     status,
                     r.error,
-                    None if r.delivered else nxt,
-                    give_up and not r.delivered,
+                    None if r.delivered or final else nxt,
+                    final and not r.delivered,
                 )
                 if not r.delivered:
-                    log.warning("delivery failed", job=job.id, destination=name, attempt=attempts, error=r.error)
-                    if give_up:
-                        gave_up.append(f"{name}: {r.error}")
+                    log.warning("delivery failed", job=job.id, destination=name, attempt=attempts, error=r.error,
+                                permanent=r.permanent)
+                    if final:
+                        gave_up.append(f"{name}: {r.error}" + (" (permanent)" if r.permanent else ""))
             max_attempts = max(max_attempts, attempts)
         remaining = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
         if not remaining:
@@ -369,7 +372,8 @@ class Worker:
                 job.id,
                 self.owner,
                 JobState.FAILED,
-                reason=f"delivery failed after {cfg.export.max_attempts} attempts: {reason}",
+                reason=(f"delivery failed after {cfg.export.max_attempts} attempts: {reason}"
+                        if max_attempts >= cfg.export.max_attempts else f"delivery refused: {reason}"),
             )
         else:
             nxt_at = min(d.next_attempt_at or time.time() for d in remaining)
