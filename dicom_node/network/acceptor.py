@@ -181,8 +181,13 @@ def negotiate(
         for item in rq.user_information
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
     }
-    results, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list, list(supported),
-                                                roles or None)
+    try:
+        results, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list, list(supported),
+                                                    roles or None)
+    except Exception as exc:  # peer data pynetdicom decoded but cannot negotiate (e.g. a context without an
+        # abstract syntax sub-item, found by tests/test_fuzz_protocol.py): a malformed request, aborted
+        raise ProtocolError(f"A-ASSOCIATE-RQ presentation contexts cannot be negotiated ({type(exc).__name__})",
+                            ABORT_INVALID_PARAMETER) from exc
     contexts = {
         int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
         for cx in results
