@@ -1,4 +1,7 @@
-"""Run the node's worker with the zero-latency model until the queue is empty; print its peak RSS (MB)."""
+"""Run the node's worker with the zero-latency model until the queue is empty; print its peak RSS (MB).
+
+``zero_worker.py CONFIG --forever`` works the queue until SIGTERM instead (the load benchmark).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ def main() -> int:
     cfg = load_config(sys.argv[1])
     store = SQLiteJobStore(cfg.db_path)
     worker = Worker(cfg, store, Pipeline(cfg, model=ZeroLatencyModel()))
+    if "--forever" in sys.argv:
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+        worker.run_forever()
+        return 0
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         worker.run_once()

@@ -1,0 +1,373 @@
+"""A department's day: mixed spine studies from concurrent senders through ``spinemed-node``, end to end.
+
+    .venv/bin/python benchmarks/load.py [--studies 24] [--senders 6] [--models zero,demo] [--quick]
+
+N studies of mixed kinds and realistic sizes — MR 60–200 instances (256²), CT 300–600 (512²), DX 1–4 — are
+sent by K concurrent dcmtk ``storescu`` senders (each study one association, arrivals in bursts) to a real
+node with a real destination (dcmtk ``storescp``).  Three runs on the same studies, in one process:
+
+* ``ingest`` — ``spinemed-node receive`` alone: studies per hour the node can take in (the reference);
+* ``zero``   — ``spinemed-node receive`` + a worker with the zero-latency model (``zero_model.py``): the
+  node's own throughput and latency;
+* ``demo``   — ``spinemed-node serve`` with the tiny demo model (the real transformers + llguidance path).
+
+For each: studies per hour (first instance sent → last SR acknowledged), p50/p95/p99 of last instance
+received → SR acknowledged with the quiet period excluded (the quiet period is reported on its own), the share
+of time in each stage (waiting for a worker, analysis, writing, export), and the queue depth over time
+(``load.png``).  Ratios: zero ÷ ingest studies per hour (goal ≥ 0.8); the node's own time per study ÷ the
+model's time per study with the demo model (goal ≤ 5 %).  Nothing here is a test assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import pydicom  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from dicom_node.network.association import free_port, wait_port  # noqa: E402
+
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+FINAL = {"done", "failed", "skipped"}
+QUIET_S = 2.0  # [completeness] quiet_seconds of the node under test
+
+
+# --------------------------------------------------------------------------------------------- studies
+@dataclass
+class Study:
+    kind: str
+    uid: str
+    paths: list[Path]
+
+
+def _templates(tmp: Path, quick: bool) -> dict[str, list[Path]]:
+    from dicom_node.devtools.phantoms import make_lumbar_mr, make_scoliosis_radiograph, make_spine_ct
+
+    t0 = time.perf_counter()
+    mr = make_lumbar_mr(tmp / "tpl-mr", slices=50 if quick else 100, size=256)  # T2 + T1 series
+    ct = make_spine_ct(tmp / "tpl-ct", slices=150 if quick else 600, size=512)
+    xr = [make_scoliosis_radiograph(tmp / f"tpl-xr{i}", lateral=i % 2 == 1, seed=i) for i in range(4)]
+    print(f"templates written in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"MR": list(mr.paths), "CT": sorted(ct.paths), "DX": [p for s in xr for p in s.paths]}
+
+
+def _clone(paths: list[Path], out: Path, seed: int) -> tuple[str, list[Path]]:
+    """Copies of ``paths`` as a new study: new Study, Series and SOP Instance UIDs, the rest unchanged."""
+    out.mkdir(parents=True)
+    study = generate_uid(entropy_srcs=[f"load-study-{seed}"])
+    series: dict[str, str] = {}
+    written = []
+    for i, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series.setdefault(str(ds.SeriesInstanceUID),
+                                                 generate_uid(entropy_srcs=[study, str(ds.SeriesInstanceUID)]))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[study, str(i)])
+        target = out / f"{i:04d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return study, written
+
+
+def make_workload(tmp: Path, n: int, quick: bool, seed: int) -> list[Study]:
+    tpl = _templates(tmp, quick)
+    r = random.Random(seed)
+    studies = []
+    t0 = time.perf_counter()
+    for k in range(n):
+        kind = r.choices(["MR", "CT", "DX"], weights=[5, 2, 3])[0]
+        if kind == "MR":
+            count = r.randint(30, 100) if quick else r.randint(60, 200)
+            half = count // 2  # the same number of T2 and T1 slices, contiguous from the left
+            t2 = [p for p in tpl["MR"] if "/2/" in str(p)][:half]
+            t1 = [p for p in tpl["MR"] if "/3/" in str(p)][: count - half]
+            chosen = t2 + t1
+        elif kind == "CT":
+            count = r.randint(100, 150) if quick else r.randint(300, 600)
+            start = r.randint(0, len(tpl["CT"]) - count)
+            chosen = tpl["CT"][start : start + count]
+        else:
+            chosen = tpl["DX"][: r.randint(1, 4)]
+        uid, paths = _clone(chosen, tmp / f"study-{k:03d}", seed * 1000 + k)
+        studies.append(Study(kind, uid, paths))
+    sizes = {kd: [len(s.paths) for s in studies if s.kind == kd] for kd in ("MR", "CT", "DX")}
+    print(f"{n} studies written in {time.perf_counter() - t0:.0f} s: " +
+          ", ".join(f"{kd} {len(v)} ({min(v)}–{max(v)} instances)" for kd, v in sizes.items() if v), flush=True)
+    return studies
+
+
+# --------------------------------------------------------------------------------------------- sending
+@dataclass
+class SendLog:
+    first_sent: float = float("inf")
+    last_sent: float = 0.0
+    per_study: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def send_all(port: int, studies: list[Study], senders: int, seed: int) -> SendLog:
+    """K senders, each a queue of studies sent one association each, with bursty gaps between studies."""
+    r = random.Random(seed)
+    queues: list[list[Study]] = [[] for _ in range(senders)]
+    for i, s in enumerate(studies):
+        queues[i % senders].append(s)
+    gaps = {s.uid: (0.0 if r.random() < 0.5 else r.expovariate(1 / 3.0)) for s in studies}  # half back to back
+    log = SendLog()
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def run(queue: list[Study]) -> None:
+        for s in queue:
+            time.sleep(gaps[s.uid])
+            t0 = time.time()
+            p = subprocess.run(["storescu", "-aec", "SPINEMED", "127.0.0.1", str(port), *map(str, s.paths)],
+                               env=DCMTK_ENV, capture_output=True, timeout=900)
+            t1 = time.time()
+            if p.returncode != 0:
+                errors.append(p.stderr.decode()[-300:])
+            with lock:
+                log.first_sent = min(log.first_sent, t0)
+                log.last_sent = max(log.last_sent, t1)
+                log.per_study[s.uid] = (t0, t1)
+
+    threads = [threading.Thread(target=run, args=(q,)) for q in queues]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"storescu failed: {errors[0]}")
+    return log
+
+
+# --------------------------------------------------------------------------------------------- the node
+def _toml(data: Path, port: int, dest_port: int | None, model: str) -> str:
+    dest = (f'[[destinations]]\nname = "pacs"\nae_title = "SPINEMED"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+            if dest_port else "")
+    model_t = (f'[model]\nbackend = "demo"\npath = "{os.environ.get("SPINEMED_DEMO_MODEL", REPO / ".models/demo")}"\n'
+               if model == "demo" else "")
+    return (f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n'
+            f"max_associations = 64\n[http]\nenabled = false\n"
+            f"[completeness]\nquiet_seconds = {QUIET_S}\ncheck_interval_s = 0.1\nforce_seconds = 600\n"
+            f"[worker]\npoll_interval_s = 0.1\n{model_t}{dest}")
+
+
+def _sample_queue(db: Path, stop: threading.Event, samples: list[tuple[float, dict[str, int]]]) -> None:
+    from dicom_node.jobs.sqlite import SQLiteJobStore
+
+    while not db.exists() and not stop.is_set():
+        time.sleep(0.1)
+    store = SQLiteJobStore(db)
+    try:
+        while not stop.is_set():
+            samples.append((time.time(), store.counts()))
+            stop.wait(0.5)
+    finally:
+        store.close()
+
+
+def run_one(tmp: Path, mode: str, studies: list[Study], senders: int, seed: int) -> dict[str, object]:
+    from dicom_node.jobs.sqlite import SQLiteJobStore
+
+    data = tmp / f"node-{mode}"
+    port = free_port()
+    dest_dir = tmp / f"dest-{mode}"
+    dest_dir.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    logf = (tmp / f"node-{mode}.log").open("wb")
+    dest_port = None
+    if mode != "ingest":
+        dest_port = free_port()
+        procs.append(subprocess.Popen(["storescp", "--aetitle", "SPINEMED", "--output-directory", str(dest_dir),
+                                       "--accept-all", "--unique-filenames", str(dest_port)], env=DCMTK_ENV,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(dest_port)
+    cfg = tmp / f"node-{mode}.toml"
+    cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero"))
+    command = "serve" if mode == "demo" else "receive"
+    procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node", command, "--config", str(cfg)],
+                                  stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
+    wait_port(port, 120)
+    if mode == "zero":
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "zero_worker.py"), str(cfg),
+                                       "--forever"], stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
+    if mode != "ingest":  # a department's node is running before its day starts: the model is loaded
+        from dicom_node.work.heartbeat import heartbeat_path, read_heartbeat
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                hb = read_heartbeat(heartbeat_path(data))
+            except ValueError:
+                hb = None
+            if hb is not None and hb.state == "ready":
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{mode}: the worker did not get ready")
+    samples: list[tuple[float, dict[str, int]]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_queue, args=(data / "jobs.sqlite3", stop, samples), daemon=True)
+    sampler.start()
+    try:
+        sent = send_all(port, studies, senders, seed)
+        store = SQLiteJobStore(data / "jobs.sqlite3")
+        deadline = time.monotonic() + 3600
+        want = {s.uid for s in studies}
+        while time.monotonic() < deadline:
+            jobs = {j.study_instance_uid: j for j in store.jobs()}
+            received = sum(j.instance_count for j in jobs.values())
+            if mode == "ingest":
+                if received >= sum(len(s.paths) for s in studies):
+                    break
+            elif want <= jobs.keys() and all(jobs[u].state.value in FINAL for u in want):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{mode}: not finished within an hour")
+        end = time.time()
+        jobs = {j.study_instance_uid: j for j in store.jobs()}
+        rows = []
+        for s in studies:
+            j = jobs[s.uid]
+            row: dict[str, object] = {"job": j.id, "kind": s.kind, "instances": len(s.paths), "state": j.state.value}
+            if mode != "ingest":
+                delivered = [d.delivered_at for d in store.deliveries(s.uid) if d.delivered_at]
+                t = j.timings
+                last = j.last_received_at or 0.0
+                acked = max(delivered) if delivered else end
+                row.update(latency_s=acked - last, quiet_s=(j.completed_at or last) - last,
+                           wait_s=t.get("inferring", 0) - (j.completed_at or 0),
+                           analysis_s=t.get("reporting", 0) - t.get("inferring", 0),
+                           write_s=t.get("exporting", 0) - t.get("reporting", 0),
+                           export_s=acked - t.get("exporting", acked))
+            rows.append(row)
+        store.close()
+    finally:
+        stop.set()
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        logf.close()
+    # the last study's quiet period is the completeness policy, not work: it is reported on its own
+    span = (end - QUIET_S if mode != "ingest" else sent.last_sent) - sent.first_sent
+    result: dict[str, object] = {"mode": mode, "studies": len(studies), "span_s": round(span, 1),
+                                 "studies_per_hour": round(len(studies) * 3600 / span, 1), "rows": rows,
+                                 "queue": [(round(t - sent.first_sent, 2), c) for t, c in samples]}
+    if mode != "ingest":
+        lat = sorted(float(r["latency_s"]) - float(r["quiet_s"]) for r in rows)  # type: ignore[arg-type]
+        q = statistics.quantiles(lat, n=100, method="inclusive")
+        result.update(p50_s=round(statistics.median(lat), 2), p95_s=round(q[94], 2), p99_s=round(q[98], 2),
+                      quiet_s=round(statistics.median(float(r["quiet_s"]) for r in rows), 2))  # type: ignore[arg-type]
+        stages = {k: sum(float(r[k]) for r in rows) for k in ("wait_s", "analysis_s", "write_s", "export_s")}  # type: ignore[arg-type]
+        total = sum(stages.values()) or 1.0
+        result["stage_share"] = {k[:-2]: round(v / total, 3) for k, v in stages.items()}
+        predict = _predict_seconds(tmp / f"node-{mode}.log")
+        own = [float(r["analysis_s"]) + float(r["write_s"]) + float(r["export_s"])  # type: ignore[arg-type]
+               - predict.get(int(r["job"]), 0.0) for r in rows]  # type: ignore[call-overload]
+        result["model_s"] = round(statistics.median(predict.values()), 3) if predict else None
+        result["node_own_s"] = round(statistics.median(own), 3)
+    return result
+
+
+def _predict_seconds(log: Path) -> dict[int, float]:
+    """The model's own time per job: ``predict`` of the worker's "results written" log lines."""
+    out: dict[int, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if '"results written"' not in line:
+            continue
+        try:
+            rec = json.loads(line[line.index("{"):])
+        except ValueError:
+            continue
+        secs = rec.get("seconds") or {}
+        if "predict" in secs and "job" in rec:
+            out[int(rec["job"])] = float(secs["predict"])
+    return out
+
+
+def plot(results: list[dict[str, object]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.4), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        queue = res["queue"]
+        assert isinstance(queue, list)
+        ts = [t for t, _ in queue]
+        for states, label in ((("receiving",), "receiving"), (("complete",), "waiting (complete)"),
+                              (("inferring", "reporting", "exporting"), "in work")):
+            ax.plot(ts, [sum(c.get(s, 0) for s in states) for _, c in queue], label=label)
+        ax.set_title(f"{res['mode']}: {res['studies_per_hour']} studies/h")
+        ax.set_xlabel("s since the first instance")
+        ax.set_ylabel("studies")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--studies", type=int, default=24)
+    ap.add_argument("--senders", type=int, default=6)
+    ap.add_argument("--models", default="zero,demo", help="which end-to-end runs besides ingest: zero,demo")
+    ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "load.json")
+    ap.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "load.png")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="spinemed-load-"))
+    try:
+        print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+        studies = make_workload(tmp, args.studies, args.quick, args.seed)
+        results = []
+        for mode in ["ingest", *[m for m in args.models.split(",") if m]]:
+            res = run_one(tmp, mode, studies, args.senders, args.seed)
+            results.append(res)
+            line = f"{mode:<7} {res['studies_per_hour']:>8} studies/h over {res['span_s']} s"
+            if mode != "ingest":
+                line += (f"; last instance → SR acknowledged, quiet excluded: p50 {res['p50_s']} s, p95 "
+                         f"{res['p95_s']} s, p99 {res['p99_s']} s (quiet {res['quiet_s']} s); stages "
+                         f"{res['stage_share']}; per study: model {res['model_s']} s, node's own {res['node_own_s']} s")
+            print(line, flush=True)
+        by = {str(r["mode"]): r for r in results}
+        ratios: dict[str, float] = {}
+        if "zero" in by:
+            ratios["zero_vs_ingest_studies_per_hour"] = round(
+                float(by["zero"]["studies_per_hour"]) / float(by["ingest"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
+        if "demo" in by and by["demo"].get("model_s"):
+            ratios["node_own_time_vs_model_time_demo"] = round(
+                float(by["demo"]["node_own_s"]) / float(by["demo"]["model_s"]), 3)  # type: ignore[arg-type]
+        print("ratios:", ratios, flush=True)
+        args.json.write_text(json.dumps({"studies": args.studies, "senders": args.senders, "quick": args.quick,
+                                         "results": [{k: v for k, v in r.items() if k != "queue"} for r in results],
+                                         "ratios": ratios}, indent=1))
+        plot(results, args.plot)
+        print(f"results in {args.json}, plot in {args.plot}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
