@@ -333,6 +333,7 @@ def main() -> int:
     ap.add_argument("--models", default="zero,demo", help="which end-to-end runs besides ingest: zero,demo")
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (studies, node data, logs)")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "load.json")
     ap.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "load.png")
     args = ap.parse_args()
@@ -365,7 +366,10 @@ def main() -> int:
         plot(results, args.plot)
         print(f"results in {args.json}, plot in {args.plot}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"work folder kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
