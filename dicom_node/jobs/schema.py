@@ -13,6 +13,7 @@ for this and for nothing else; the stores talk to ``sqlite3`` and psycopg direct
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ __all__ = ["MIGRATIONS_DIR", "head_revision", "upgrade_postgres", "upgrade_sqlit
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x5350494E454D4544 & 0x7FFFFFFFFFFFFFFF  # "SPINEMED": the advisory lock of the upgrade
+#: Alembic keeps the running migration's context in module globals (``alembic.context``, ``alembic.op``):
+#: two threads of one process must not upgrade at once.  Processes are kept apart by the database's lock.
+_THREAD_LOCK = threading.Lock()
 
 
 def _config() -> Config:
@@ -45,7 +49,7 @@ def head_revision() -> str:
 def _upgrade(engine: sa.Engine, lock: Any, where: str) -> None:
     cfg = _config()
     try:
-        with engine.begin() as conn:
+        with _THREAD_LOCK, engine.begin() as conn:
             if lock is not None:
                 conn.execute(lock)
             cfg.attributes["connection"] = conn
