@@ -255,6 +255,11 @@ class WorkerConfig(_Section):
 
     poll_interval_s: float = Field(default=0.5, gt=0)
     lease_seconds: float = Field(default=1800.0, gt=0, description="a job claimed longer is reclaimed")
+    model_max_attempts: int = Field(
+        default=12, ge=1, le=1000, description="analyses tried while the model is down before the job fails"
+    )
+    model_backoff_initial_s: float = Field(default=30.0, ge=0, description="first wait after a transient model error")
+    model_backoff_max_s: float = Field(default=1800.0, ge=0, description="longest wait between analyses")
 
 
 _TOML_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_TOML_PATH", default=None)

@@ -15,11 +15,12 @@ import httpx
 import numpy as np
 import pytest
 
+from dicom_node.errors import is_transient
 from dicom_node.network.association import free_port
 from inference.backends import load_model
 from inference.backends.openai_backend import ANSWER_ATTEMPTS, OpenAIBackend
 from inference.demo_model import build_demo_model
-from inference.errors import BackendUnavailableError, InvalidModelOutputError
+from inference.errors import BackendUnavailableError, InferenceError, InvalidModelOutputError
 from inference.findings import ImagePlane, InputImage
 from inference.inputs import ModelImage, ModelInput, Task
 from inference.settings import ModelSettings, OpenAISettings
@@ -196,11 +197,20 @@ def test_swapped_transport_success_retry_and_errors(tmp_path: Path) -> None:
     bad_evidence = json.loads(json.dumps(VALID))
     bad_evidence["levels"][0]["evidence"] = [{"image": 5}]
     backend, calls = _mock_backend([json.dumps(bad_evidence)], tmp_path)
-    with pytest.raises(InvalidModelOutputError, match="image 5"):
+    with pytest.raises(InvalidModelOutputError, match="image 5") as invalid:
         backend.analyze(_inputs())
+    assert not is_transient(invalid.value)
     backend, calls = _mock_backend([503], tmp_path)
-    with pytest.raises(BackendUnavailableError, match="HTTP 503"):
+    with pytest.raises(BackendUnavailableError, match="HTTP 503") as unavailable:
         backend.analyze(_inputs())
+    assert is_transient(unavailable.value)  # the worker defers the study and tries again
+    backend, calls = _mock_backend([429], tmp_path)
+    with pytest.raises(BackendUnavailableError, match="HTTP 429"):
+        backend.analyze(_inputs())
+    backend, calls = _mock_backend([400], tmp_path)
+    with pytest.raises(InferenceError, match="HTTP 400") as rejected:
+        backend.analyze(_inputs())
+    assert not is_transient(rejected.value)  # this request's own fault: the job fails with the reason
     unreachable = load_model(
         ModelSettings(
             backend="openai",

@@ -208,7 +208,8 @@ class SQLJobStore:
 
     # ------------------------------------------------------------------ worker: claim, lease, transitions
     def claim(self, owner: str, now: float, lease_s: float) -> Job | None:
-        """Lease the next job that has work: complete, exporting and due, or abandoned by a dead worker.
+        """Lease the next job that has work: complete or exporting and due (a deferred analysis or delivery
+        waits for its ``next_attempt_at``), or abandoned by a dead worker.
 
         Concurrent workers never collide: SQLite serialises the transaction, PostgreSQL skips locked rows.
         """
@@ -216,9 +217,9 @@ class SQLJobStore:
             row = self._x(
                 cur,
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE (lease_until IS NULL OR lease_until < ?) AND ("
-                "state = ? OR state IN (?, ?) OR (state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
+                "state IN (?, ?) OR (state IN (?, ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
                 f") ORDER BY COALESCE(next_attempt_at, completed_at, created_at), id LIMIT 1{self.skip_locked}",
-                (now, JobState.COMPLETE, JobState.INFERRING, JobState.REPORTING, JobState.EXPORTING, now),
+                (now, JobState.INFERRING, JobState.REPORTING, JobState.COMPLETE, JobState.EXPORTING, now),
             ).fetchone()
             if row is None:
                 return None
@@ -266,6 +267,18 @@ class SQLJobStore:
             self._owned(cur, job_id, owner)
             self._x(cur, "UPDATE jobs SET next_attempt_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
                     (at, job_id))
+
+    def defer_analysis(self, job_id: int, owner: str, at: float, reason: str) -> Job:
+        """Put a leased job whose analysis failed for a transient reason (the model server down, out of GPU
+        memory) back to ``complete`` until ``at``, with the reason shown meanwhile; its ``attempts`` count
+        the analyses tried."""
+        now = time.time()
+        with self._tx() as cur:
+            job = self._owned(cur, job_id, owner)
+            self._x(cur, "UPDATE jobs SET state = ?, reason = ?, next_attempt_at = ?, updated_at = ?, "
+                    "lease_owner = NULL, lease_until = NULL WHERE id = ?", (JobState.COMPLETE, reason, at, now, job_id))
+            self._event(cur, job.study_instance_uid, job.state, JobState.COMPLETE, reason)
+            return self._job(cur, job_id)
 
     def force_release(self, job_id: int) -> None:
         """Drop a lease whose owner is known to be dead (the worker checks before calling)."""
@@ -322,14 +335,17 @@ class SQLJobStore:
                     (state, status, error, next_attempt_at, now if ok else None, output_uid, destination))
 
     def retry(self, job_id: int) -> Job:
-        """Bring a failed, skipped or done job back: failed deliveries become pending, else re-analyse."""
+        """Bring a failed, skipped or done job back: failed deliveries become pending, else re-analyse.  A job
+        waiting for the model (a deferred analysis) is made due now."""
         now = time.time()
         with self._tx() as cur:
             job = self._fetch_job(cur, "id = ?", (job_id,), lock=True)
             if job is None:
                 raise JobNotFoundError(job_id)
-            if job.state not in FINAL_STATES:
-                raise StoreError(f"job {job_id} is {job.state}; only failed, skipped or done jobs can be retried")
+            waiting = job.state is JobState.COMPLETE and job.next_attempt_at is not None and job.lease_owner is None
+            if job.state not in FINAL_STATES and not waiting:
+                raise StoreError(f"job {job_id} is {job.state}; only failed, skipped or done jobs, or one waiting "
+                                 "for the model, can be retried")
             row = self._x(cur, "SELECT COUNT(*) FROM deliveries d JOIN outputs o ON o.sop_instance_uid = d.output_uid "
                           "WHERE o.study_uid = ? AND o.revision = ? AND d.state != 'delivered'",
                           (job.study_instance_uid, job.revision)).fetchone()

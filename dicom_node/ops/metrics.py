@@ -139,6 +139,10 @@ class NodeCollector(Collector):
         loaded = GaugeMetricFamily("spinemed_worker_model_loaded", "1 when the worker's last heartbeat says so")
         loaded.add_metric([], 1.0 if beat is not None and beat.model_loaded else 0.0)
         yield loaded
+        up = GaugeMetricFamily("spinemed_model_backend_up",
+                               "0 while the model backend fails with transient errors (studies wait, deferred)")
+        up.add_metric([], 1.0 if beat is not None and beat.model_loaded and beat.model_available else 0.0)
+        yield up
         if beat is not None:
             yield GaugeMetricFamily("spinemed_worker_heartbeat_age_seconds", "Age of the worker's last heartbeat",
                                     value=max(0.0, beat.age()))

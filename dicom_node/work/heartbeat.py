@@ -45,6 +45,10 @@ class Heartbeat:
     job: int | None
     started_at: float
     at: float
+    #: ``False`` while the model backend answers with transient errors (server down, out of GPU memory):
+    #: studies wait, deferred; ``model_error`` says the last error (its type and message, no patient data)
+    model_available: bool = True
+    model_error: str | None = None
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.at
@@ -90,6 +94,8 @@ class HeartbeatWriter:
         self.model_version: str | None = None
         self.demo = False
         self.job: int | None = None
+        self.model_available = True
+        self.model_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -97,7 +103,8 @@ class HeartbeatWriter:
         return Heartbeat(
             host=socket.gethostname(), pid=os.getpid(), state=self.state, model_loaded=self.state == "ready",
             model=self.model, model_version=self.model_version, demo=self.demo, job=self.job,
-            started_at=self.started_at, at=time.time(),
+            started_at=self.started_at, at=time.time(), model_available=self.model_available,
+            model_error=self.model_error,
         )
 
     def write(self) -> None:
@@ -113,6 +120,10 @@ class HeartbeatWriter:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(asdict(self.snapshot())), encoding="utf-8")
         os.replace(tmp, self.path)
+
+    def model_status(self, available: bool, error: str | None = None) -> None:
+        """Say whether the model backend answered the last analysis (the next periodic write carries it)."""
+        self.model_available, self.model_error = available, error
 
     def ready(self, model: str, version: str | None, demo: bool) -> None:
         self.state, self.model, self.model_version, self.demo = "ready", model, version, demo

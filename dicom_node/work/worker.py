@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.config import NodeConfig
 from dicom_node.delivery.dispatch import deliver
 from dicom_node.delivery.result import backoff_delay
+from dicom_node.errors import is_transient
 from dicom_node.ingest.spool import study_key
 from dicom_node.jobs.completeness import due_at
 from dicom_node.jobs.model import Job, JobState, JobStore, OutputRecord
@@ -247,8 +248,8 @@ class Worker:
         try:
             outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors)
         except InferenceError as exc:
-            log.warning("analysis failed", job=job.id, error=type(exc).__name__, reason=str(exc)[:300])
-            return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}")
+            return self._analysis_failed(job, exc)
+        self.heartbeat.model_status(True)
         if outcome.skipped_reason is not None:
             log.info("study skipped", job=job.id)
             return self.store.transition(job.id, self.owner, JobState.SKIPPED, reason=outcome.skipped_reason)
@@ -279,6 +280,27 @@ class Worker:
             dry_run=self.config.routing.dry_run,
         )
         return self.store.finish_report(job.id, self.owner, revision, records_out, destinations)
+
+    def _analysis_failed(self, job: Job, exc: InferenceError) -> Job:
+        """A transient failure (the model server down or busy, out of GPU memory, too slow) defers the study
+        with the persisted backoff, up to ``[worker] model_max_attempts`` analyses; a permanent one fails it."""
+        cfg = self.config.worker
+        reason = f"{type(exc).__name__}: {exc}"
+        attempts = self.store.get(job.id).attempts  # counts this analysis
+        if is_transient(exc) and attempts < cfg.model_max_attempts:
+            delay = backoff_delay(attempts, cfg.model_backoff_initial_s, cfg.model_backoff_max_s)
+            log.warning("analysis deferred: the model is unavailable", job=job.id, error=type(exc).__name__,
+                        attempt=attempts, retry_in_s=round(delay, 1), reason=reason[:300])
+            self.heartbeat.model_status(False, reason[:300])
+            return self.store.defer_analysis(
+                job.id, self.owner, time.time() + delay,
+                reason=f"waiting for the model (attempt {attempts} of {cfg.model_max_attempts}): {reason}"[:1000],
+            )
+        self.heartbeat.model_status(not is_transient(exc), reason[:300] if is_transient(exc) else None)
+        if is_transient(exc):
+            reason = f"model unavailable after {attempts} attempts: {reason}"
+        log.warning("analysis failed", job=job.id, error=type(exc).__name__, reason=reason[:300])
+        return self.store.transition(job.id, self.owner, JobState.FAILED, reason=reason[:1000])
 
     def _previous_outputs(self, job: Job) -> list[Dataset]:
         if job.revision < 1:

@@ -164,7 +164,9 @@ class OpenAIBackend:
             raise BackendUnavailableError(f"model server {s.openai.base_url} unreachable: {exc}") from exc
         except openai.APIStatusError as exc:
             detail = str(exc.message)[:300]
-            if exc.status_code in (401, 403, 404) or exc.status_code >= 500:
+            # 5xx, 429 (overloaded) and a server that refuses us (token, model name: the site's setup, not
+            # the study) wait for the server; any other 4xx is this request's own fault and final
+            if exc.status_code in (401, 403, 404, 408, 429) or exc.status_code >= 500:
                 raise BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}") from exc
             raise InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}") from exc
         except openai.OpenAIError as exc:

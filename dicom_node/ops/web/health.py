@@ -6,6 +6,7 @@
   - ``store``: the job store answers a query;
   - ``disk``: the spool's file system has at least ``node.min_free_disk_mb`` free;
   - ``worker``: a worker heartbeat younger than ``[http] heartbeat_max_age_s`` says the model is loaded
+    and its backend answered the last analysis (a model server that is down makes the node not ready)
     (``[http] require_worker = false`` skips it, e.g. for a receive-only node of a cluster);
   - ``destinations``: every ``dicom`` destination answers C-ECHO (``[http] echo_destinations``);
     DICOMweb destinations are listed as not checked.
@@ -123,6 +124,8 @@ class Readiness:
             return Check(False, f"worker heartbeat {age:.0f} s old (worker {beat.state}, pid {beat.pid})")
         if not beat.model_loaded:
             return Check(False, f"worker {beat.state}: model not loaded yet")
+        if not beat.model_available:
+            return Check(False, f"model backend unavailable, studies wait: {beat.model_error or 'unknown error'}")
         demo = " (demo model, not for clinical use)" if beat.demo else ""
         return Check(True, f"model {beat.model} loaded{demo}, heartbeat {age:.1f} s old")
 
