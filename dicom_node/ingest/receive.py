@@ -26,7 +26,7 @@ from dicom_node.errors import SpoolError
 from dicom_node.ingest.header import HeaderFields, scan_header
 from dicom_node.ingest.indexer import InstanceIndexer, instance_record, reconcile
 from dicom_node.ingest.slots import Claims, SlotPool, SlotSink, SpilledFile
-from dicom_node.ingest.spool import Incoming, Spool, SpoolFile, Stored, part10_header
+from dicom_node.ingest.spool import UID_PATTERN, Incoming, Spool, SpoolFile, Stored, part10_header
 from dicom_node.jobs.model import JobStore
 from dicom_node.log import get_logger, phi_hash
 from dicom_node.network.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Rejection
@@ -34,6 +34,7 @@ from dicom_node.network.access import AssociationGate
 from dicom_node.network.association import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
+    STATUS_INVALID_INSTANCE,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     storage_contexts,
@@ -64,14 +65,24 @@ class ReceiverStats:
                 setattr(self, k, getattr(self, k) + v)
 
 
-class _Discard:
-    """The sink of an instance refused before its data set arrived (low disk)."""
+@dataclass(frozen=True)
+class _Refused:
+    """The sink of an instance refused before its data set arrived: its data set is read and dropped, then
+    ``status`` goes back and ``event`` (with ``level``) names the cause in the log."""
+
+    status: int
+    event: str
+    level: str = "warning"
+    detail: str | None = None
 
     def write(self, data: memoryview) -> None:
         pass
 
     def discard(self) -> None:
         pass
+
+
+_LOW_DISK = _Refused(STATUS_OUT_OF_RESOURCES, "instance refused: spool disk below min_free_disk_mb", "error")
 
 
 def _meta_length(head: bytes | bytearray) -> int:
@@ -140,22 +151,28 @@ class Receiver:
 
     # ------------------------------------------------------------------ C-STORE
     def begin_store(self, info: AssociationInfo, request: StoreRequest) -> DatasetSink:
+        command = request.command
+        if not UID_PATTERN.match(command.sop_instance_uid):  # a permanent fault of this instance: never 0xA700
+            return _Refused(STATUS_INVALID_INSTANCE,
+                            "instance refused: invalid SOP Instance UID in the C-STORE request")
+        if not UID_PATTERN.match(command.sop_class_uid):
+            return _Refused(STATUS_CANNOT_UNDERSTAND, "instance refused: invalid SOP Class UID in the C-STORE request")
         if self.gate.low_disk():  # the same threshold that refuses new associations
-            return _Discard()
+            return _LOW_DISK
         try:
             incoming = self.spool.begin()
         except SpoolError as exc:
-            log.error("instance refused: spool write failed", calling_ae=info.calling_ae, detail=str(exc))
-            return _Discard()
+            return _Refused(STATUS_OUT_OF_RESOURCES, "instance refused: spool write failed", "error", str(exc))
         try:
-            incoming.write(part10_header(request.command.sop_class_uid, request.command.sop_instance_uid,
+            incoming.write(part10_header(command.sop_class_uid, command.sop_instance_uid,
                                          request.transfer_syntax, IMPLEMENTATION_CLASS_UID,
                                          IMPLEMENTATION_VERSION_NAME, info.calling_ae))
-        except (SpoolError, ValueError) as exc:  # ValueError: a request UID pydicom will not encode
+        except SpoolError as exc:
             incoming.discard()
-            log.warning("instance refused: cannot write its file meta", calling_ae=info.calling_ae,
-                        error=type(exc).__name__)
-            return _Discard()
+            return _Refused(STATUS_OUT_OF_RESOURCES, "instance refused: spool write failed", "error", str(exc))
+        except ValueError as exc:  # a transfer syntax or AE title the file meta cannot carry
+            incoming.discard()
+            return _Refused(STATUS_CANNOT_UNDERSTAND, "instance refused: cannot write its file meta", detail=str(exc))
         return incoming
 
     def end_store(self, info: AssociationInfo, request: StoreRequest, sink: DatasetSink) -> int:
@@ -176,9 +193,12 @@ class Receiver:
     def _store(self, info: AssociationInfo, request: StoreRequest, sink: DatasetSink) -> tuple[int, str]:
         """Check, sync, record: ``(status, hashed study UID for the audit trail)``."""
         calling = info.calling_ae
+        if isinstance(sink, _Refused):
+            getattr(log, sink.level)(sink.event, calling_ae=calling, status=f"0x{sink.status:04X}",
+                                     **({"detail": sink.detail} if sink.detail else {}))
+            return self._refuse(sink.status), "not read (refused before its data set)"
         if not isinstance(sink, (SlotSink, SpoolFile)):
-            log.error("instance refused: spool disk below min_free_disk_mb or not writable", calling_ae=calling)
-            return self._refuse(STATUS_OUT_OF_RESOURCES), "not read (refused before its data set)"
+            raise TypeError(f"sink: not one of ours: {type(sink).__name__}")
         fields = scan_header(bytes(sink.head[_meta_length(sink.head) :]), request.transfer_syntax)
         if fields is None:  # deflated, big endian, non-ASCII text, an unusual header: pydicom reads it,
             sink.start_sync(self._sync_pool)  # ~1 ms, while the fsync runs in the pool
@@ -193,6 +213,10 @@ class Receiver:
                     detail_digest=phi_hash(str(exc)),
                 )
                 return self._refuse(STATUS_CANNOT_UNDERSTAND), f"undecodable ({type(exc).__name__})"
+        if not all(UID_PATTERN.match(uid) for uid in (fields.study_instance_uid, fields.series_instance_uid)):
+            log.warning("instance refused: invalid UID in the data set", calling_ae=calling, status="0xC000",
+                        sop=phi_hash(fields.sop_instance_uid))
+            return self._refuse(STATUS_CANNOT_UNDERSTAND), "invalid UID"
         study = phi_hash(fields.study_instance_uid)
         command = request.command
         if fields.sop_instance_uid != command.sop_instance_uid or fields.sop_class_uid != command.sop_class_uid:

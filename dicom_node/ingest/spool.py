@@ -108,7 +108,7 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     for name, value in zip(("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "implementation_uid"), uids,
                            strict=True):
         if not UID_PATTERN.match(value):
-            raise ValueError(f"{name}: not a valid UID: {value!r}")
+            raise ValueError(f"{name}: not a valid UID ({len(value)} characters; digits and dots only)")
     if source_ae and (len(source_ae) > 16 or not source_ae.isascii() or "\\" in source_ae):
         raise ValueError(f"source_ae: not a valid AE title: {source_ae!r}")
     body = b"".join((

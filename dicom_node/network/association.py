@@ -31,6 +31,8 @@ __all__ = [
 
 #: C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
 STATUS_SUCCESS = 0x0000
+#: "Invalid SOP Instance": the SOP Instance UID violates the UID construction rules (PS3.7 Annex C.5)
+STATUS_INVALID_INSTANCE = 0x0117
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
