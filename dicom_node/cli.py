@@ -136,6 +136,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             d["outputs"] = [o.__dict__ for o in store.outputs(job.study_instance_uid)]
             d["deliveries"] = [x.__dict__ for x in store.deliveries(job.study_instance_uid)]
             d["events"] = store.events(job.study_instance_uid)
+            d["excluded_instances"] = [
+                {"sop_instance_uid": i.sop_instance_uid, "series_instance_uid": i.series_instance_uid,
+                 "reason": i.unusable_reason}
+                for i in store.instances(job.study_instance_uid) if i.unusable_reason
+            ]
             print(json.dumps(d, indent=2, default=str))
         elif args.action == "retry":
             job = store.retry(args.id)

@@ -9,7 +9,8 @@ the job fails at once with the message as its reason.  Messages never carry pati
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 __all__ = [
     "BackendUnavailableError",
@@ -28,7 +29,15 @@ class InferenceError(RuntimeError):
 
 
 class UnusableStudyError(InferenceError):
-    """The study holds no series the model can use (wrong plane, no pixels, undecodable)."""
+    """The study holds no series the model can use (wrong plane, no pixels, undecodable).
+
+    ``excluded`` lists the instances screening left out (:class:`inference.screening.Exclusion`), when
+    that is why.
+    """
+
+    def __init__(self, message: str, *, excluded: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.excluded = tuple(excluded)
 
 
 class BackendUnavailableError(InferenceError):

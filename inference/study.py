@@ -16,8 +16,18 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 
-__all__ = ["Instance", "Series", "Study", "StudyError", "load_study", "read_header"]
+__all__ = [
+    "Instance",
+    "PixelExtent",
+    "Series",
+    "Study",
+    "StudyError",
+    "load_study",
+    "pixel_extent",
+    "read_header",
+]
 
 
 class StudyError(ValueError):
@@ -86,7 +96,7 @@ class Study:
         """
         ds = self.headers.get(instance.sop_instance_uid)
         if ds is None:
-            ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
+            ds = read_header(instance.path)
         return ds
 
     @property
@@ -154,16 +164,57 @@ _INSTANCE_KEYWORDS = (
 )
 
 
+@dataclass(frozen=True)
+class PixelExtent:
+    """Where a file's top-level Pixel Data element starts and the length it declares (``None``: undefined,
+    i.e. encapsulated), with the file's size: enough to tell a truncated instance without reading pixels."""
+
+    offset: int
+    declared_length: int | None
+    file_size: int
+
+    @property
+    def encapsulated(self) -> bool:
+        return self.declared_length is None
+
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float / Double Float / Pixel Data
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_EXTENT_ATTR = "_spinemed_pixel_extent"
+
+
+def pixel_extent(ds: pydicom.Dataset) -> PixelExtent | None:
+    """The :class:`PixelExtent` :func:`read_header` noted for ``ds``; ``None`` when the file has no pixel
+    data (or the header was read another way)."""
+    extent = ds.__dict__.get(_EXTENT_ATTR)
+    return extent if isinstance(extent, PixelExtent) else None
+
+
 def read_header(path: str | os.PathLike[str]) -> pydicom.Dataset:
     """One file's header (no pixel data), with the elements :func:`load_study` reads already decoded, for
-    ``load_study(..., known_headers=...)``.
+    ``load_study(..., known_headers=...)``, and where its pixel data lies (:func:`pixel_extent`).
 
     Raises
     ------
     OSError, pydicom.errors.InvalidDicomError, ValueError, TypeError, EOFError
         The file cannot be read as DICOM.
     """
-    ds: pydicom.Dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    seen: list[int] = []
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            seen.append(length)
+            return True
+        return False
+
+    with open(path, "rb") as fp:
+        ds: pydicom.Dataset = read_partial(fp, stop_when=at_pixels)
+        if seen:  # the reader rewound to the element's start
+            ds.__dict__[_EXTENT_ATTR] = PixelExtent(
+                offset=fp.tell(),
+                declared_length=None if seen[0] == _UNDEFINED_LENGTH else seen[0],
+                file_size=os.fstat(fp.fileno()).st_size,
+            )
     for keyword in _INSTANCE_KEYWORDS:
         with contextlib.suppress(ValueError, TypeError, OverflowError):  # malformed: load_study decides
             ds.get(keyword)
@@ -199,7 +250,7 @@ def load_study(
         ds: pydicom.Dataset | None = known.get(path)
         if ds is None:
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                ds = read_header(path)
             except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
                 continue
         if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pydicom
@@ -84,15 +85,27 @@ def start_storescp(tmp: Path, ae_title: str = "RESULTS", port: int | None = None
 
 @pytest.fixture()
 def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every file ``pydicom.dcmread`` is asked to read during the test, in order (it still reads them)."""
+    """Every file ``pydicom.dcmread`` or :func:`inference.study.read_header` is asked to read during the test,
+    in order (it still reads them)."""
+    import inference.study
+
     reads: list[object] = []
     real = pydicom.dcmread
+    real_header = inference.study.read_header
 
     def counting(*args: object, **kwargs: object) -> pydicom.Dataset:
         reads.append(args[0])
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
+    def counting_header(path: Any) -> pydicom.Dataset:
+        reads.append(path)
+        return real_header(path)
+
     monkeypatch.setattr(pydicom, "dcmread", counting)
+    monkeypatch.setattr(inference.study, "read_header", counting_header)
+    import dicom_node.work.worker
+
+    monkeypatch.setattr(dicom_node.work.worker, "read_header", counting_header)  # imported by name there
     return reads
 
 

@@ -82,3 +82,61 @@ def test_invalid_uids_get_a_permanent_status_with_the_real_cause(node: NodeProce
     assert not any("spool disk below" in str(rec.get("event", "")) for rec in lines)
     text = node.log.read_text(errors="replace")
     assert "05.abc" not in text and "99.abc" not in text  # UIDs never reach the log
+
+
+def _truncate_pixels(path: Path) -> None:
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(path)
+
+
+def _jobs_show(node: NodeProcess, job_id: int) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    res = subprocess.run([sys.executable, "-m", "dicom_node", "jobs", "show", str(job_id), "--config",
+                          str(node.config)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr
+    shown: dict[str, Any] = json.loads(res.stdout)
+    return shown
+
+
+def test_instances_with_truncated_pixels_are_left_out_with_their_reason(node: NodeProcess, tmp_path: Path) -> None:
+    """Two of seven slices truncated: the study is analysed from the other five, the two listed with their
+    reason; a study with every slice truncated fails with a clear reason, never an internal error."""
+    from conftest import storescu
+
+    partly = make_lumbar_mr(tmp_path / "partly", slices=7, size=96, seed=42)
+    bad = sorted(partly.paths)[2:4]
+    for p in bad:
+        _truncate_pixels(p)
+    assert storescu(node.port, list(partly.paths)).returncode == 0
+    job = node.wait_state(partly.study_instance_uid, {"done", "failed"}, timeout=120)
+    assert job.state.value == "done", job.reason
+    shown = _jobs_show(node, job.id)
+    excluded = shown["excluded_instances"]
+    bad_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in bad}
+    assert {e["sop_instance_uid"] for e in excluded} == bad_uids
+    assert all(e["reason"] == "pixel data truncated: 9216 of 18432 bytes declared" for e in excluded), excluded
+    # the key image is never one of the left-out slices
+    store = node.store()
+    try:
+        key = [o for o in store.outputs(partly.study_instance_uid) if o.kind == "key_image"]
+    finally:
+        store.close()
+    for o in key:
+        ref = pydicom.dcmread(o.path, stop_before_pixels=True)
+        sources = {str(item.ReferencedSOPInstanceUID) for item in ref.get("SourceImageSequence", [])}
+        assert not sources & bad_uids
+
+    whole = make_lumbar_mr(tmp_path / "whole", slices=4, size=96, seed=43)
+    for p in whole.paths:
+        _truncate_pixels(p)
+    assert storescu(node.port, list(whole.paths)).returncode == 0
+    job = node.wait_state(whole.study_instance_uid, {"done", "failed"}, timeout=120)
+    assert job.state.value == "failed"
+    n = len(whole.paths)
+    assert job.reason == f"UnusableStudyError: no usable images: {n} instances excluded: pixel data truncated ({n})"
+    assert len(_jobs_show(node, job.id)["excluded_instances"]) == n

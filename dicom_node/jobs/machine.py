@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
@@ -268,6 +268,26 @@ class SQLJobStore:
             self._x(cur, "UPDATE jobs SET next_attempt_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
                     (at, job_id))
 
+    def mark_unusable(self, study_uid: str, reasons: Mapping[str, str]) -> None:
+        """Record which instances of a study the latest analysis left out and why (``{sop uid: reason}``);
+        every other instance of the study is marked usable again."""
+        with self._tx() as cur:
+            self._x(cur, "UPDATE instances SET unusable_reason = NULL WHERE study_uid = ? "
+                    "AND unusable_reason IS NOT NULL", (study_uid,))
+            for sop, reason in reasons.items():
+                self._x(cur, "UPDATE instances SET unusable_reason = ? WHERE sop_instance_uid = ? AND study_uid = ?",
+                        (reason[:500], sop, study_uid))
+
+    def unusable_summary(self) -> dict[str, dict[str, int]]:
+        """``{study uid: {reason kind: instances}}`` for every study with instances left out (the jobs page)."""
+        out: dict[str, dict[str, int]] = {}
+        for study_uid, reason, n in self._rows("SELECT study_uid, unusable_reason, COUNT(*) FROM instances "
+                                               "WHERE unusable_reason IS NOT NULL GROUP BY study_uid, unusable_reason"):
+            kinds = out.setdefault(study_uid, {})
+            kind = str(reason).split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + int(n)
+        return out
+
     def defer_analysis(self, job_id: int, owner: str, at: float, reason: str) -> Job:
         """Put a leased job whose analysis failed for a transient reason (the model server down, out of GPU
         memory) back to ``complete`` until ``at``, with the reason shown meanwhile; its ``attempts`` count
@@ -393,7 +413,7 @@ class SQLJobStore:
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         rows = self._rows(
             "SELECT sop_instance_uid, study_uid, series_uid, sop_class_uid, modality, series_description, path, "
-            "transfer_syntax, size, calling_ae, received_at FROM instances WHERE study_uid = ? "
+            "transfer_syntax, size, calling_ae, received_at, unusable_reason FROM instances WHERE study_uid = ? "
             "ORDER BY received_at, sop_instance_uid", (study_uid,))
         return [InstanceRecord(*r) for r in rows]
 

@@ -14,7 +14,7 @@ once in SQL, and :mod:`dicom_node.jobs.sqlite` / :mod:`dicom_node.jobs.postgres`
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -64,6 +64,8 @@ class InstanceRecord:
     size: int
     calling_ae: str
     received_at: float
+    #: why the latest analysis left this instance out (undecodable pixels); ``None``: used
+    unusable_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,8 @@ class JobStore(Protocol):
         give_up: bool,
     ) -> None: ...
     def set_next_attempt(self, job_id: int, owner: str, at: float) -> None: ...
+    def mark_unusable(self, study_uid: str, reasons: Mapping[str, str]) -> None: ...
+    def unusable_summary(self) -> dict[str, dict[str, int]]: ...
     def defer_analysis(self, job_id: int, owner: str, at: float, reason: str) -> Job: ...
     def force_release(self, job_id: int) -> None: ...
     def retry(self, job_id: int) -> Job: ...

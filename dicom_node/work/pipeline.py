@@ -1,7 +1,8 @@
 """The pipeline, composed in one visible place:
 
-    select (routing rules) → preprocess (inference.preprocess) → predict (a SpineModel backend)
-    → report (sr_templates) → [export: the worker, durable and retried]
+    screen (inference.screening: undecodable instances left out, with reasons) → select (routing rules)
+    → preprocess (inference.preprocess) → predict (a SpineModel backend) → report (sr_templates)
+    → [export: the worker, durable and retried]
 
 Each stage is a plain function with typed inputs and outputs.  ``spinemed-node analyze`` runs the
 same :class:`Pipeline` on files, without network or job store.
@@ -21,6 +22,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 from dicom_node.config import NodeConfig
 from dicom_node.jobs.rules import Selection, select_series
 from dicom_node.log import get_logger
+from inference.errors import UnusableStudyError
+from inference.screening import Exclusion, screen_study
 from inference.study import Study
 
 if TYPE_CHECKING:
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from inference.inputs import SpineModel
     from sr_templates import OutputOptions
 
-__all__ = ["Outcome", "Pipeline", "output_kind"]
+__all__ = ["Outcome", "Pipeline", "describe_exclusions", "output_kind"]
 
 log = get_logger(__name__)
 
@@ -41,7 +44,19 @@ class Outcome:
     findings: SpineFindings | None = None
     datasets: list[Dataset] = field(default_factory=list)
     skipped_reason: str | None = None
+    #: instances left out before the model (undecodable pixels), each with its reason
+    excluded: tuple[Exclusion, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def describe_exclusions(excluded: Sequence[Exclusion]) -> str:
+    """``"7 instances excluded: pixel data truncated (7)"``: a job reason, no identifiers."""
+    counts: dict[str, int] = {}
+    for e in excluded:
+        kind = e.reason.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = ", ".join(f"{k} ({n})" for k, n in sorted(counts.items()))
+    return f"{len(excluded)} instance{'s' if len(excluded) != 1 else ''} excluded: {parts}"
 
 
 def output_kind(ds: Dataset) -> str:
@@ -130,8 +145,16 @@ class Pipeline:
         from sr_templates import build_outputs
 
         t0 = time.perf_counter()
+        screened = screen_study(study)
+        if screened.excluded:
+            log.warning("instances excluded before the model", excluded=len(screened.excluded),
+                        reasons=sorted({e.reason.split(":")[0] for e in screened.excluded}))
+        if not screened.study.instances:
+            raise UnusableStudyError(f"no usable images: {describe_exclusions(screened.excluded)}",
+                                     excluded=screened.excluded)
+        study = screened.study
         selection = self.select(study)
-        outcome = Outcome(selection=selection)
+        outcome = Outcome(selection=selection, excluded=screened.excluded)
         if not selection.series_uids:
             outcome.skipped_reason = selection.skip_reason
             return outcome

@@ -32,7 +32,7 @@ from dicom_node.log import get_logger, phi_hash
 from dicom_node.ops.audit import open_audit
 from dicom_node.work.heartbeat import HeartbeatWriter, heartbeat_path
 from dicom_node.work.pipeline import Pipeline, output_kind
-from inference.errors import InferenceError
+from inference.errors import InferenceError, UnusableStudyError
 from inference.study import StudyError, load_study, read_header
 
 __all__ = ["HeaderCache", "Worker", "write_dataset_atomic"]
@@ -247,8 +247,12 @@ class Worker:
         predecessors = self._previous_outputs(job)
         try:
             outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors)
+        except UnusableStudyError as exc:
+            self.store.mark_unusable(job.study_instance_uid, {e.sop_instance_uid: e.reason for e in exc.excluded})
+            return self._analysis_failed(job, exc)
         except InferenceError as exc:
             return self._analysis_failed(job, exc)
+        self.store.mark_unusable(job.study_instance_uid, {e.sop_instance_uid: e.reason for e in outcome.excluded})
         self.heartbeat.model_status(True)
         if outcome.skipped_reason is not None:
             log.info("study skipped", job=job.id)

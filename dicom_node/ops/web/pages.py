@@ -69,9 +69,18 @@ def _report_links(job: Job, outputs: list[OutputRecord], reports: bool) -> str:
     return " · ".join(links)
 
 
+def _excluded(kinds: dict[str, int] | None) -> str:
+    if not kinds:
+        return ""
+    n = sum(kinds.values())
+    what = ", ".join(f"{html.escape(k)} ({c})" for k, c in sorted(kinds.items()))
+    return f'<br><span class="excluded">{n} instance{"s" if n != 1 else ""} left out: {what}</span>'
+
+
 def jobs_page(store: JobStore, *, limit: int = 200, reports: bool = True, refresh_s: int = 10) -> str:
     """The HTML jobs page: the ``limit`` most recent jobs, newest first."""
     jobs = sorted(store.jobs(), key=lambda j: j.id, reverse=True)[:limit]
+    excluded = store.unusable_summary()
     rows = []
     for j in jobs:
         t = j.timings
@@ -85,7 +94,7 @@ def jobs_page(store: JobStore, *, limit: int = 200, reports: bool = True, refres
             f"<td>{_dur(t.get('exporting'), t.get('done'))}</td>"
             f"<td>{_dur(j.first_received_at, t.get('done'))}</td>"
             f"<td>{_when(j.updated_at)}</td>"
-            f"<td>{html.escape(redact_uids(j.reason or ''))}</td>"
+            f"<td>{html.escape(redact_uids(j.reason or ''))}{_excluded(excluded.get(j.study_instance_uid))}</td>"
             f"<td>{_report_links(j, outputs, reports)}</td></tr>"
         )
     body = "\n".join(rows) or '<tr><td colspan="13">no jobs yet</td></tr>'
