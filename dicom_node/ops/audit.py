@@ -8,10 +8,12 @@ ID and no UID in clear.
 
 Writing: events are queued and a background thread writes each batch with one ``write`` on a file
 descriptor opened ``O_APPEND`` (so the receiving process and the worker process can share the file
-and lines never interleave), then ``fsync``.  A *durable* event (instances received, results sent)
-returns only once its batch is synced — group commit: concurrent associations share the fsync — so a
-SIGKILL never loses the audit line of an acknowledged instance.  Other events (refused associations)
-wait at most ``[audit] flush_interval_s``.  A clean stop flushes what is queued.
+and lines never interleave), then ``fsync``.  A *durable* event (results sent) returns only once its
+batch is synced — group commit: concurrent callers share the fsync.  Received instances are audited by
+the ingest indexer in batches right after their spool file is durable; after a SIGKILL the spool is
+reconciled at start and an acknowledged instance whose line was lost is audited as ``recovered``.
+Other events (refused associations) wait at most ``[audit] flush_interval_s``.  A clean stop flushes
+what is queued.
 
 Nothing ever rewrites or truncates the file.  Rotate it by moving it away (``logrotate`` without
 ``copytruncate``): every batch opens the path anew, so the next batch creates a fresh file.
@@ -79,9 +81,11 @@ class AuditTrail:
         """Append one event; ``fields`` must already be free of PHI (hash identifiers first).
 
         With ``durable`` (the default) this returns once the line is written and fsynced — concurrent
-        callers share one write and one fsync (group commit), so the C-STORE handler acknowledges an
-        instance only after its audit line is on disk.  ``durable=False`` queues it for the next batch
-        (at most ``flush_interval_s`` later): for high-volume events such as refused associations.
+        callers share one write and one fsync (group commit): for events whose line must be on disk before
+        the caller goes on (results sent).  Received instances are audited by the indexer in batches after
+        their spool file is durable (``benchmarks/audit_cost.py`` measures what a durable line would cost).
+        ``durable=False`` queues it for the next batch (at most ``flush_interval_s`` later): for
+        high-volume events such as refused associations.
         """
         if not self.enabled:
             return
