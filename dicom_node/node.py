@@ -20,7 +20,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.ingest.receive import Receiver
 from dicom_node.jobs.completeness import CompletenessMonitor
 from dicom_node.jobs.stores import open_store
-from dicom_node.log import get_logger
+from dicom_node.log import get_logger, use_phi_key
 
 __all__ = ["ReceivingNode", "run_serve", "run_worker", "worker_command"]
 
@@ -33,6 +33,7 @@ class ReceivingNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        use_phi_key(config.node.data_dir)  # the digest of identifiers in logs, audit and jobs page
         self.store = open_store(config)
         self.receiver = Receiver(config, self.store)
         self.monitor = CompletenessMonitor(config.completeness, self.store)

@@ -27,7 +27,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from dicom_node.devtools.phantoms import SyntheticStudy, make_lumbar_mr
 from dicom_node.jobs.model import JobState
 from dicom_node.jobs.sqlite import SQLiteJobStore
-from dicom_node.log import phi_hash
+from dicom_node.log import phi_hash, use_phi_key
 
 pytestmark = pytest.mark.slow
 
@@ -273,6 +273,7 @@ def test_sigkill_at_every_stage_then_restart_yields_exactly_one_report(tmp_path:
     # the audit trail has who sent what and where each result went, hashed
     audit = [json.loads(line) for line in (node.data / "audit" / "audit.jsonl").read_text().splitlines()]
     sent = {a["study"] for a in audit if a["event"] == "result_sent" and a["outcome"] == "delivered"}
+    use_phi_key(node.data)  # the install's digest key, made by the node at its first start
     assert sent == {phi_hash(st.study_instance_uid) for st in studies.values()}
     assert all(a["calling_ae"] == "STORESCU" for a in audit if a["event"] == "instance_received")
     assert os.stat(node.data / "audit" / "audit.jsonl").st_mode & 0o777 == 0o640

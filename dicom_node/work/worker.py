@@ -28,7 +28,7 @@ from dicom_node.errors import is_transient
 from dicom_node.ingest.spool import study_key
 from dicom_node.jobs.completeness import due_at
 from dicom_node.jobs.model import Job, JobState, JobStore, OutputRecord
-from dicom_node.log import get_logger, phi_hash
+from dicom_node.log import get_logger, phi_hash, use_phi_key
 from dicom_node.ops.audit import open_audit
 from dicom_node.work.heartbeat import HeartbeatWriter, heartbeat_path
 from dicom_node.work.pipeline import Pipeline, output_kind
@@ -137,6 +137,8 @@ class Worker:
 
     def __init__(self, config: NodeConfig, store: JobStore, pipeline: Pipeline | None = None) -> None:
         self.config = config
+        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        use_phi_key(config.node.data_dir)  # the digest of identifiers in logs and the audit trail
         self.store = store
         self.pipeline = pipeline or Pipeline(config)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"

@@ -278,6 +278,14 @@ def _short(text: str, n: int = 64) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def quiet_transformers(hf: Any) -> None:
+    """Send transformers' log records through the node's one logging pipeline (it has a handler of its own
+    otherwise) and drop its progress bars, which are not log lines."""
+    hf.utils.logging.disable_default_handler()
+    hf.utils.logging.enable_propagation()
+    hf.utils.logging.disable_progress_bar()
+
+
 class TransformersBackend:
     """A Qwen2.5-VL-class model loaded in this process (implements :class:`~inference.inputs.SpineModel`).
 
@@ -331,6 +339,7 @@ class TransformersBackend:
             import torch
 
             hf: Any = importlib.import_module("transformers")  # partially typed: use it as untyped
+            quiet_transformers(hf)
             self.processor: Any = hf.AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
             self.model: Any = hf.AutoModelForImageTextToText.from_pretrained(
                 self.model_dir,

@@ -14,21 +14,19 @@ authenticating reverse proxy in front.
 from __future__ import annotations
 
 import html
-import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from dicom_node.jobs.model import Job, JobStore, OutputRecord
-from dicom_node.log import phi_hash
+from dicom_node.log import phi_hash, redact
 
 __all__ = ["REPORT_KINDS", "ReportError", "jobs_page", "redact_uids", "render_report"]
 
 #: Result objects that render as a report, and their link text.
 REPORT_KINDS = {"measurement_report": "measurements (TID 1500)", "narrative_report": "narrative"}
 
-_UID = re.compile(r"(?<![\w.])\d+(?:\.\d+){3,}(?![\w.])")
 
 
 class ReportError(Exception):
@@ -36,8 +34,8 @@ class ReportError(Exception):
 
 
 def redact_uids(text: str) -> str:
-    """Replace every DICOM UID in ``text`` by its digest (the form logs and the audit trail use)."""
-    return _UID.sub(lambda m: f"uid:{phi_hash(m.group(0))}", text)
+    """Replace every DICOM UID (and ``Family^Given`` name) in ``text`` by its digest, as the logs do."""
+    return redact(text)
 
 
 def _when(t: float | None) -> str:
