@@ -112,6 +112,24 @@ def test_timeout_and_token_budget_fail_explicitly(
         backend.settings = original
 
 
+def test_out_of_gpu_memory_is_transient(
+    backend: DemoBackend, studies: dict[str, ModelInput], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's OutOfMemoryError in generation (another job on the GPU) is a transient BackendUnavailableError:
+    the worker defers the study instead of failing it."""
+    import torch
+
+    from dicom_node.errors import is_transient
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(backend.model, "generate", out_of_memory)
+    with pytest.raises(BackendUnavailableError, match="out of CPU memory") as err:
+        backend.analyze(studies["small"])
+    assert is_transient(err.value)
+
+
 def test_demo_build_is_idempotent_and_reloads(demo_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

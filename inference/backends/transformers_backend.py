@@ -483,6 +483,12 @@ class TransformersBackend:
                 )
             except InferenceError:
                 raise
+            except torch.OutOfMemoryError as exc:  # another job on the GPU, a large study: wait, try again
+                del encoded
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise BackendUnavailableError(f"model: out of {self.device.type.upper()} memory "
+                                              "(the study waits and is tried again)") from exc
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 raise InferenceError(f"model: generation failed: {type(exc).__name__}: {exc}") from exc
             finally:
