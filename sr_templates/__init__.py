@@ -6,6 +6,7 @@ The pipeline calls :func:`build_outputs`; the template classes are public for re
 from __future__ import annotations
 
 from sr_templates.builder import SERIES_DESCRIPTION, OutputOptions, build_outputs
+from sr_templates.errors import ReportBuildError, ReportError
 from sr_templates.key_image import SpineKeyImage
 from sr_templates.measurement_report import (
     SpineMeasurementGroup,
@@ -19,6 +20,8 @@ __all__ = [
     "SERIES_DESCRIPTION",
     "OutputOptions",
     "ReadBack",
+    "ReportBuildError",
+    "ReportError",
     "SpineKeyImage",
     "SpineMeasurementGroup",
     "SpineMeasurementReport",

@@ -25,6 +25,7 @@ from inference.findings import LevelFinding, SpineFindings, level_sort_key
 from inference.study import Study
 from sr_templates import uids
 from sr_templates.codes import SpineCodes, coding_scheme_identification, procedure_code, spine_region
+from sr_templates.errors import ReportBuildError
 from sr_templates.evidence import ResolvedEvidence, SourceIndex
 from sr_templates.key_image import SpineKeyImage, choose_key_image
 from sr_templates.measurement_report import (
@@ -241,8 +242,24 @@ def build_outputs(
     ValueError
         An argument has a wrong value (the message names it): findings of another study, evidence
         referencing instances not in the study, revision/predecessors mismatch.
+    sr_templates.errors.ReportBuildError
+        The arguments were valid but building refused the content (highdicom's checks); a ``ValueError``.
     """
     _check_arguments(study, findings, options, revision, predecessors, created_at)
+    try:
+        return _build(study, findings, options, revision, predecessors, created_at)
+    except (ValueError, TypeError) as exc:
+        raise ReportBuildError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _build(
+    study: Study,
+    findings: SpineFindings,
+    options: OutputOptions,
+    revision: int,
+    predecessors: Sequence[pydicom.Dataset],
+    created_at: datetime.datetime | None,
+) -> list[pydicom.Dataset]:
     when = created_at or datetime.datetime.now()
     prefix = options.uid_prefix
     index = SourceIndex(study, findings)

@@ -334,3 +334,15 @@ def test_template_validation(mr: Case) -> None:
         sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [g1, g1])
     with pytest.raises(TypeError, match=r"^procedure_reported:"):
         sr_templates.SpineMeasurementReport(ctx, "MR", [g0, g1])  # type: ignore[arg-type]
+
+
+def test_a_refusal_while_building_is_a_report_build_error(mr: Case) -> None:
+    """Valid arguments, content that cannot be built (evidence naming an instance the study does not hold):
+    ReportBuildError, a ValueError the worker turns into a failed job with the reason."""
+    from sr_templates import ReportBuildError
+
+    image = mr.findings.images[0].model_copy(update={"sop_instance_uids": ("1.2.826.0.1.99999.1",)})
+    findings = mr.findings.model_copy(update={"images": (image, *mr.findings.images[1:])})
+    with pytest.raises(ReportBuildError) as err:
+        build_outputs(mr.study, findings, created_at=CREATED_AT)
+    assert isinstance(err.value, ValueError) and not getattr(err.value, "transient", True)

@@ -34,6 +34,7 @@ from dicom_node.work.heartbeat import HeartbeatWriter, heartbeat_path
 from dicom_node.work.pipeline import Pipeline, output_kind
 from inference.errors import InferenceError, UnusableStudyError
 from inference.study import StudyError, load_study, read_header
+from sr_templates.errors import ReportError
 
 __all__ = ["HeaderCache", "Worker", "write_dataset_atomic"]
 
@@ -254,6 +255,10 @@ class Worker:
             return self._analysis_failed(job, exc)
         except InferenceError as exc:
             return self._analysis_failed(job, exc)
+        except ReportError as exc:  # highdicom refused what these findings and headers made: final
+            log.warning("report could not be built", job=job.id, exc_info=True)
+            return self.store.transition(job.id, self.owner, JobState.FAILED,
+                                         reason=f"report could not be built: {exc}"[:1000])
         self.store.mark_unusable(job.study_instance_uid, {e.sop_instance_uid: e.reason for e in outcome.excluded})
         self.heartbeat.model_status(True)
         if outcome.skipped_reason is not None:
