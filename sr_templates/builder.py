@@ -249,7 +249,7 @@ def build_outputs(
     try:
         return _build(study, findings, options, revision, predecessors, created_at)
     except (ValueError, TypeError) as exc:
-        raise ReportBuildError(f"{type(exc).__name__}: {exc}") from exc
+        raise ReportBuildError(str(exc)) from exc
 
 
 def _build(
