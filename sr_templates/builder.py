@@ -34,7 +34,7 @@ from sr_templates.measurement_report import (
     algorithm_identification,
 )
 from sr_templates.narrative import SpineNarrativeReport
-from sr_templates.text import DEMO_SERIES_SUFFIX, finding_summary
+from sr_templates.text import DEMO_SERIES_SUFFIX, finding_summary, short_string
 
 __all__ = ["SERIES_DESCRIPTION", "OutputOptions", "build_outputs"]
 
@@ -143,7 +143,7 @@ def _observation_context(findings: SpineFindings, options: OutputOptions) -> hd.
         uid=uids.device_observer_uid(
             findings.model, options.manufacturer, options.manufacturer_model_name, options.uid_prefix
         ),
-        name=findings.model.name,
+        name=short_string(findings.model.name, _LO),
         manufacturer_name=options.manufacturer,
         model_name=options.manufacturer_model_name,
     )
@@ -163,7 +163,7 @@ def _contributing_equipment(
             manufacturer=options.manufacturer,
             purpose_of_reference=SpineCodes.PROCESSING_EQUIPMENT,
             manufacturer_model_name=options.manufacturer_model_name,
-            software_versions=[options.software_version, f"{m.name} {m.version}"[:_LO]],
+            software_versions=[options.software_version, short_string(f"{m.name} {m.version}", _LO)],
             institution_name=options.institution_name,
             institutional_department_name=options.institution_department_name
             if options.institution_name is not None

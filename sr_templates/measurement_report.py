@@ -49,7 +49,7 @@ from sr_templates.codes import (
     unit_code,
 )
 from sr_templates.evidence import ResolvedEvidence
-from sr_templates.text import DEMO_TEXT, finding_summary
+from sr_templates.text import DEMO_TEXT, finding_summary, text_value
 
 __all__ = ["SpineMeasurementGroup", "SpineMeasurementReport", "algorithm_identification"]
 
@@ -154,7 +154,7 @@ def _evidence_items(resolved: Sequence[ResolvedEvidence]) -> list[hd.sr.ContentI
             items.append(
                 hd.sr.TextContentItem(
                     name=SpineCodes.COMMENT,
-                    value=f"Not localised: {ev.note}",
+                    value=text_value(f"Not localised: {ev.note}"),
                     relationship_type=_REL.HAS_PROPERTIES,
                 )
             )
@@ -284,7 +284,7 @@ class SpineMeasurementGroup(hd.sr.MeasurementsAndQualitativeEvaluations):
         if is_transitional(level):
             summary += " (transitional anatomy)"
         self[0].ContentSequence.append(
-            hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=summary, relationship_type=_REL.CONTAINS)
+            hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=text_value(summary), relationship_type=_REL.CONTAINS)
         )
 
 

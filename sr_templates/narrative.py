@@ -28,7 +28,7 @@ from highdicom.sr.templates import Template
 
 from inference.findings import NarrativeReport
 from sr_templates.codes import NARRATIVE_SECTIONS, SpineCodes
-from sr_templates.text import DEMO_TEXT
+from sr_templates.text import DEMO_TEXT, text_value
 
 __all__ = ["SpineNarrativeReport"]
 
@@ -84,12 +84,13 @@ class SpineNarrativeReport(Template):
         items: list[hd.sr.ContentItem] = [item for item in observation_context if isinstance(item, hd.sr.ContentItem)]
         for field, heading, concept in NARRATIVE_SECTIONS:
             section = hd.sr.ContainerContentItem(name=heading, relationship_type=_REL.CONTAINS)
-            text = str(getattr(report, field)).strip() or _EMPTY
+            text = text_value(str(getattr(report, field))).strip() or _EMPTY
             texts = [text]
             if field == "findings":
                 texts.extend(level_summaries)
             section.ContentSequence = hd.sr.ContentSequence(
-                [hd.sr.TextContentItem(name=concept, value=t, relationship_type=_REL.CONTAINS) for t in texts]
+                [hd.sr.TextContentItem(name=concept, value=text_value(t), relationship_type=_REL.CONTAINS)
+                 for t in texts]
             )
             items.append(section)
         if key_image is not None:

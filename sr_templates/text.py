@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from inference.findings import FindingType, LevelFinding, Severity
 
-__all__ = ["DEMO_SERIES_SUFFIX", "DEMO_TEXT", "NOT_FOR_DIAGNOSTIC_USE", "finding_label", "finding_summary"]
+__all__ = [
+    "DEMO_SERIES_SUFFIX",
+    "DEMO_TEXT",
+    "NOT_FOR_DIAGNOSTIC_USE",
+    "finding_label",
+    "finding_summary",
+    "short_string",
+    "text_value",
+]
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 DEMO_TEXT = (
@@ -14,6 +23,30 @@ DEMO_TEXT = (
     "These results come from a randomly initialised demonstration model and carry no medical meaning."
 )
 DEMO_SERIES_SUFFIX = " (DEMO - NOT FOR DIAGNOSTIC USE)"
+
+_DASHES = str.maketrans({"\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-"})
+
+
+#: C0 controls but TAB, LF, FF, CR; DEL; C1 controls; lone surrogates: no DICOM text VR (ST, LT, UT) allows them
+#: (PS3.5 6.1.3; ESC is left out too: it would switch character sets)
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def text_value(value: str) -> str:
+    """``value`` fit for a TEXT content item (UT) or ST/LT: characters no text VR allows are dropped (a
+    model's answer can hold any character JSON can escape)."""
+    return _NOT_TEXT.sub("", value)
+
+
+def short_string(value: str, limit: int = 64) -> str:
+    """``value`` fit for a LO/SH element: typographic dashes as ``-`` and cut to ``limit`` *bytes* of UTF-8
+    (dciodvfy counts bytes: "—" is three), never inside a character."""
+    text = value.translate(_DASHES)
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", errors="ignore").rstrip()
+
 
 _NAMES = {
     FindingType.DISC_HERNIATION: "disc herniation",

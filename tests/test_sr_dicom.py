@@ -346,3 +346,46 @@ def test_a_refusal_while_building_is_a_report_build_error(mr: Case) -> None:
     with pytest.raises(ReportBuildError) as err:
         build_outputs(mr.study, findings, created_at=CREATED_AT)
     assert isinstance(err.value, ValueError) and not getattr(err.value, "transient", True)
+
+
+# ----------------------------------------------------------------------------------- what users get
+def _dciodvfy_problems(path: Path) -> list[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    known = KNOWN_SC_WARNINGS | KNOWN_SR_WARNINGS
+    return [f"{path.name}: {ln}" for ln in lines
+            if "Error" in ln or (ln.startswith("Warning") and ln not in known)]
+
+
+@needs_dicom3tools
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mr", "xr"])
+def test_dciodvfy_clean_on_what_the_demo_and_analyze_write(kind: str, tmp_path: Path, demo_model_dir: Path) -> None:
+    """The objects ``spinemed-node demo`` (scripts/demo) receives back and ``spinemed-node analyze`` writes,
+    with the real demo backend's identity ("demo — not for clinical use"): no dciodvfy error."""
+    import sys
+
+    from conftest import REPO
+
+    from dicom_node.devtools.phantoms import make_lumbar_mr, make_scoliosis_radiograph
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    demo = subprocess.run([sys.executable, "-m", "dicom_node", "demo", "--workdir", str(tmp_path / "demo"), "--kind",
+                           kind, "--model-dir", str(demo_model_dir)], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=600)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    received = sorted((tmp_path / "demo" / "results").rglob("*.dcm"))
+    assert len(received) >= 2
+
+    src = (make_lumbar_mr(tmp_path / "src", slices=5, size=96, seed=61) if kind == "mr"
+           else make_scoliosis_radiograph(tmp_path / "src", seed=61))
+    config = tmp_path / "analyze.toml"
+    config.write_text(f'[model]\nbackend = "demo"\npath = "{demo_model_dir}"\n[node]\ndata_dir = "{tmp_path / "d"}"\n')
+    out = tmp_path / "analyze"
+    res = subprocess.run([sys.executable, "-m", "dicom_node", "analyze", "--config", str(config), "--out", str(out),
+                          *map(str, src.paths)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    written = sorted(out.glob("*.dcm"))
+    assert len(written) >= 2
+    problems = [p for path in [*received, *written] for p in _dciodvfy_problems(path)]
+    assert not problems, problems
