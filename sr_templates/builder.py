@@ -39,6 +39,7 @@ from sr_templates.text import DEMO_SERIES_SUFFIX, finding_summary, short_string
 __all__ = ["SERIES_DESCRIPTION", "OutputOptions", "build_outputs"]
 
 SERIES_DESCRIPTION = "SpineMed AI results"
+KEY_IMAGE_SERIES_DESCRIPTION = "SpineMed AI key images"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 _LO = 64  # VR LO maximum length
@@ -77,7 +78,7 @@ class OutputOptions:
     software_version: str = field(default_factory=_package_version)
     institution_name: str | None = None
     institution_department_name: str | None = None
-    series_number: int = 9901  # our outputs kept together in their own series
+    series_number: int = 9901  # the SR series; the key image series is the next number
     key_image: bool = True
     uid_prefix: str | None = None  # site UID root; None → pydicom's root
 
@@ -89,8 +90,9 @@ class OutputOptions:
         _check_lo("institution_department_name", self.institution_department_name, optional=True)
         if isinstance(self.series_number, bool) or not isinstance(self.series_number, int):
             raise TypeError(f"series_number: expected int, got {type(self.series_number).__name__}")
-        if not 1 <= self.series_number <= 2**31 - 1:
-            raise ValueError(f"series_number: {self.series_number} outside 1..2147483647")
+        if not 1 <= self.series_number <= 2**31 - 2:
+            raise ValueError(f"series_number: {self.series_number} outside 1..2147483646 "
+                             "(the key image series takes the next number)")
         if not isinstance(self.key_image, bool):
             raise TypeError(f"key_image: expected bool, got {type(self.key_image).__name__}")
         uids.check_uid_prefix(self.uid_prefix)
@@ -274,7 +276,8 @@ def _build(
         sorted(str(p.SOPInstanceUID) for p in predecessors),
     )
     series_uid = uids.output_series_uid(study.study_instance_uid, prefix)
-    first_instance = 3 * (revision - 1) + 1
+    key_series_uid = uids.output_series_uid(study.study_instance_uid, prefix, kind="key-image")
+    first_instance = 2 * (revision - 1) + 1  # the two SRs of each revision, in the SR series
     description = SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else "")
     common: dict[str, object] = {
         "series_description": description,
@@ -305,16 +308,16 @@ def _build(
                 source=source,
                 frame_number=choice.frame_number,
                 findings=list(zip(levels, resolved, strict=True)),
-                series_instance_uid=series_uid,
-                series_number=options.series_number,
+                series_instance_uid=key_series_uid,
+                series_number=options.series_number + 1,
                 sop_instance_uid=uids.sop_instance_uid(
                     "key-image", study.study_instance_uid, findings.model, revision, digest, prefix
                 ),
-                instance_number=first_instance + 2,
+                instance_number=revision,
                 manufacturer=options.manufacturer,
                 demo=demo,
                 contributing_equipment=_contributing_equipment(findings, options, when),
-                **common,
+                **{**common, "series_description": KEY_IMAGE_SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else "")},
             )
             if options.institution_name is not None:
                 key_image.InstitutionName = options.institution_name

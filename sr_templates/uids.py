@@ -71,9 +71,14 @@ def content_digest(*parts: object) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def output_series_uid(study_instance_uid: str, prefix: str | None = None) -> str:
-    """The one series that holds every SpineMed output of a study (all revisions)."""
-    return _uid(prefix, ["series", study_instance_uid])
+def output_series_uid(study_instance_uid: str, prefix: str | None = None, *, kind: str = "sr") -> str:
+    """The series of a study's SpineMed outputs of one modality, all revisions: ``"sr"`` (both SRs) or
+    ``"key-image"`` — one modality per series, as PACS and viewers file them."""
+    if kind == "sr":
+        return _uid(prefix, ["series", study_instance_uid])  # as before: existing SR series keep their UID
+    if kind == "key-image":
+        return _uid(prefix, ["series", study_instance_uid, kind])
+    raise ValueError(f"kind: {kind!r} is not 'sr' or 'key-image'")
 
 
 def device_observer_uid(model: ModelIdentity, manufacturer: str, model_name: str, prefix: str | None = None) -> str:

@@ -175,8 +175,10 @@ def test_changed_content_or_options_changes_uids(mr: Case, mr_outputs: list[pydi
 def test_revision_references_predecessor(mr: Case, mr_outputs: list[pydicom.Dataset]) -> None:
     rev2 = build_outputs(mr.study, mr.findings, revision=2, predecessors=mr_outputs, created_at=CREATED_AT)
     assert not {d.SOPInstanceUID for d in rev2} & {d.SOPInstanceUID for d in mr_outputs}
-    assert [d.InstanceNumber for d in rev2] == [4, 5, 6]
-    assert {d.SeriesInstanceUID for d in rev2} == {mr_outputs[0].SeriesInstanceUID}
+    # the two SRs continue their series (1, 2 -> 3, 4); the key image its own (1 -> 2)
+    assert [d.InstanceNumber for d in rev2] == [3, 4, 2]
+    assert [d.SeriesInstanceUID for d in rev2] == [d.SeriesInstanceUID for d in mr_outputs]
+    assert {d.SeriesInstanceUID for d in rev2[:2]} == {mr_outputs[0].SeriesInstanceUID}
     for new, old in zip(rev2[:2], mr_outputs[:2], strict=True):
         (study_item,) = new.PredecessorDocumentsSequence
         assert study_item.StudyInstanceUID == mr.study.study_instance_uid

@@ -157,20 +157,24 @@ def test_cobb_units_and_end_vertebrae(built: dict[str, list[pydicom.Dataset]]) -
 def test_document_header(cases: dict[str, Case], built: dict[str, list[pydicom.Dataset]]) -> None:
     study = cases["mr"].study
     sr, narrative, key = built["mr"]
+    assert sr.SeriesInstanceUID == narrative.SeriesInstanceUID != key.SeriesInstanceUID
+    assert sr.Modality == narrative.Modality == "SR" and key.Modality != "SR"
     for ds in (sr, narrative, key):
         assert ds.StudyInstanceUID == study.study_instance_uid
         assert ds.PatientID == study.patient_id and str(ds.PatientName) == study.patient_name
         assert ds.AccessionNumber == study.accession_number
-        assert ds.SeriesNumber == 9901
-        assert ds.SeriesDescription == "SpineMed AI results"
+        if ds is key:  # one modality per series: the key image (OT) in a series of its own
+            assert ds.SeriesNumber == 9902 and ds.SeriesDescription == "SpineMed AI key images"
+        else:
+            assert ds.SeriesNumber == 9901 and ds.SeriesDescription == "SpineMed AI results"
         assert ds.Manufacturer == "SpineMed" and ds.ManufacturerModelName == "spinemed-node"
         ours = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "SpineMed"]
         assert len(ours) == 1
         purpose = ours[0].PurposeOfReferenceCodeSequence[0]
         assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
         assert "SpineGPT" in ours[0].ContributionDescription
-    assert len({sr.SeriesInstanceUID, narrative.SeriesInstanceUID, key.SeriesInstanceUID}) == 1
-    assert [sr.InstanceNumber, narrative.InstanceNumber, key.InstanceNumber] == [1, 2, 3]
+    assert len({sr.SeriesInstanceUID, narrative.SeriesInstanceUID, key.SeriesInstanceUID}) == 2
+    assert [sr.InstanceNumber, narrative.InstanceNumber, key.InstanceNumber] == [1, 2, 1]
     for ds in (sr, narrative):
         assert ds.VerificationFlag == "UNVERIFIED" and ds.CompletionFlag == "COMPLETE"
         evidence = {
