@@ -66,11 +66,19 @@ class NodeSection(_Section):
     host: str = Field(default="0.0.0.0", description="address to listen on")
     port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port")
     data_dir: Path = Path("/var/lib/spinemed-node")
-    max_associations: int = Field(default=32, ge=1, le=512)
+    max_associations: int = Field(default=32, ge=1, le=512, description="established associations at once")
+    max_pending_connections: int = Field(
+        default=64, ge=1, le=4096,
+        description="connections still awaiting their A-ASSOCIATE-RQ (each holds a thread for at most "
+                    "acse_timeout_s); more are closed at once, so idle or slow peers cannot lock others out")
+    max_pending_per_source: int = Field(
+        default=8, ge=1, le=4096, description="of those, from one source address (a modality needs one or two)")
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = any")
-    acse_timeout_s: float = Field(default=30.0, gt=0)
+    acse_timeout_s: float = Field(
+        default=30.0, gt=0, description="ARTIM: the whole TLS handshake and A-ASSOCIATE-RQ must arrive within it")
     dimse_timeout_s: float = Field(default=60.0, gt=0)
-    network_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(
+        default=60.0, gt=0, description="within an association: the longest wait for one whole PDU")
     min_free_disk_mb: int = Field(default=1024, ge=0, description="refuse instances below this")
     receive_slots: int = Field(default=512, ge=0, le=100_000,
                                description="instances received into files written ahead (1 MiB of disk each, "

@@ -30,7 +30,7 @@ from dicom_node.ingest.spool import UID_PATTERN, Incoming, Spool, SpoolFile, Sto
 from dicom_node.jobs.model import JobStore
 from dicom_node.log import get_logger, phi_hash
 from dicom_node.network.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Rejection
-from dicom_node.network.access import AssociationGate
+from dicom_node.network.access import REJECT_SOURCE_ADDRESS, AssociationGate
 from dicom_node.network.association import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -134,6 +134,8 @@ class Receiver:
                 max_associations=n.max_associations,
                 acse_timeout_s=n.acse_timeout_s,
                 network_timeout_s=n.network_timeout_s,
+                max_pending=n.max_pending_connections,
+                max_pending_per_source=n.max_pending_per_source,
                 ssl_context=server_context(config.tls) if config.tls.enabled else None,
             ),
             self,
@@ -142,6 +144,12 @@ class Receiver:
     # ------------------------------------------------------------------ associations
     def check_peer(self, peer_ip: str) -> Rejection | None:
         return self.gate.check(peer_ip)
+
+    def address_rejection(self, peer_ip: str) -> Rejection | None:
+        return None if self.gate.address_allowed(peer_ip) else REJECT_SOURCE_ADDRESS
+
+    def connection_refused(self, peer_ip: str, rejection: Rejection) -> None:
+        self.gate.record(peer_ip, "", rejection)
 
     def association_rejected(self, peer_ip: str, calling_ae: str, rejection: Rejection) -> None:
         self.gate.record(peer_ip, calling_ae, rejection)

@@ -80,6 +80,11 @@ REJECT_CALLED_AE = Rejection(0x01, 0x01, 0x07, "called_ae", "called AE title is 
 REJECT_CONTEXT = Rejection(0x01, 0x01, 0x02, "application_context", "application context name not supported")
 REJECT_VERSION = Rejection(0x01, 0x02, 0x02, "protocol_version", "protocol version not supported")
 REJECT_BUSY = Rejection(0x02, 0x03, 0x02, "max_associations", "node.max_associations reached (local limit exceeded)")
+#: not sent (the connection is closed before it could be read): the reason recorded for the refusal
+REFUSE_PENDING = Rejection(0x02, 0x03, 0x02, "pending_connections",
+                           "node.max_pending_connections reached: connection closed before its request")
+REFUSE_PENDING_SOURCE = Rejection(0x02, 0x03, 0x02, "pending_per_source",
+                                  "node.max_pending_per_source reached for this address: connection closed")
 
 
 @dataclass

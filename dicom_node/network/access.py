@@ -1,8 +1,13 @@
-"""Who may open an association, and when: checked once per association, before negotiation.
+"""Who may open an association, and when: checked once per connection, before negotiation.
 
-* Source address allow-list (``node.allowed_source_networks``, CIDRs): a peer outside every network
-  gets A-ASSOCIATE-RJ *rejected-permanent*, source *service user*, reason *no reason given* (the
-  standard has no "address not allowed" reason); the log line and the audit trail say why.
+* Source address allow-list (``node.allowed_source_networks``, CIDRs), checked right after ``accept()``:
+  a peer outside every network gets A-ASSOCIATE-RJ *rejected-permanent*, source *service user*, reason
+  *no reason given* (the standard has no "address not allowed" reason), written without reading its
+  request, and the connection is closed; the log line and the audit trail say why.
+* Pending connections over ``node.max_pending_connections`` (or ``max_pending_per_source`` from one
+  address) are closed at once by the listener and recorded here.  Refusals that come in floods (these,
+  and refused addresses) are logged and audited at most once a minute per address and reason, with the
+  count of those left out; every one is counted in the metrics.
 * Low disk (``node.min_free_disk_mb``): while the spool's file system has less free space, new
   associations get A-ASSOCIATE-RJ *rejected-transient*, source *service provider (presentation)*,
   reason *local limit exceeded* — senders queue and retry later.  Instances on associations already
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +34,11 @@ from dicom_node.ops.audit import AuditTrail
 __all__ = ["REJECT_LOW_DISK", "REJECT_SOURCE_ADDRESS", "AssociationGate", "GateStats"]
 
 log = get_logger(__name__)
+
+#: refusals that arrive in floods (a scanner, a connection storm): logged and audited once per this many
+#: seconds per address and reason
+_THROTTLE_S = 60.0
+_THROTTLED = frozenset({"source_address", "pending_connections", "pending_per_source"})
 
 REJECT_SOURCE_ADDRESS = Rejection(0x01, 0x01, 0x01, "source_address",
                                   "source address not in node.allowed_source_networks")
@@ -70,6 +81,8 @@ class AssociationGate:
         self.free_bytes = free_bytes
         self.audit = audit
         self.stats = GateStats()
+        self._throttle: dict[tuple[str, str], tuple[float, int]] = {}
+        self._throttle_lock = threading.Lock()
 
     def address_allowed(self, address: str) -> bool:
         """Whether a peer at ``address`` may associate (always, with an empty allow-list)."""
@@ -97,6 +110,21 @@ class AssociationGate:
     def record(self, peer_ip: str, calling_ae: str, rejection: Rejection) -> None:
         """Count, log and audit one refused association (whichever check refused it)."""
         self.stats.add(rejection.reason)
+        if rejection.reason in _THROTTLED:
+            now = time.monotonic()
+            key = (peer_ip, rejection.reason)
+            with self._throttle_lock:
+                since, left_out = self._throttle.get(key, (-_THROTTLE_S, 0))
+                if now - since < _THROTTLE_S:
+                    self._throttle[key] = (since, left_out + 1)
+                    return
+                self._throttle[key] = (now, 0)
+                if len(self._throttle) > 10_000:  # a scan of many addresses: forget the oldest
+                    for old in sorted(self._throttle, key=lambda k: self._throttle[k][0])[:5_000]:
+                        del self._throttle[old]
+            if left_out:
+                log.warning("connections refused and not logged in the last minute", peer_ip=peer_ip,
+                            reason=rejection.reason, count=left_out)
         log.warning("association rejected: " + rejection.detail, peer_ip=peer_ip, calling_ae=calling_ae,
                     reason=rejection.reason)
         self.audit.record("association_rejected", durable=False, peer_ip=peer_ip, calling_ae=calling_ae,

@@ -16,6 +16,7 @@ from dicom_node.errors import ProtocolError
 from dicom_node.network.upper_layer import ABORT_INVALID_PARAMETER, p_data_pdu
 
 __all__ = [
+    "C_CANCEL_RQ",
     "C_ECHO_RQ",
     "C_ECHO_RSP",
     "C_STORE_RQ",
@@ -25,12 +26,16 @@ __all__ = [
     "decode_command",
     "echo_response",
     "encode_command",
+    "failure_response",
+    "is_response",
     "store_response",
 ]
 
 #: Command Field values (PS3.7 E.1)
 C_STORE_RQ: Final = 0x0001
 C_ECHO_RQ: Final = 0x0030
+C_CANCEL_RQ: Final = 0x0FFF  # C-CANCEL-RQ carries no Message ID and gets no response
+_RESPONSE_BIT: Final = 0x8000
 _NO_DATASET: Final = 0x0101
 
 
@@ -83,8 +88,13 @@ def decode_command(data: bytes) -> Command:
         for tag in _US_TAGS & values.keys():
             if len(values[tag]) != 2:
                 raise ValueError(f"(0000,{tag:04X}) is not a US")
+        command_field = _US.unpack(values[_COMMAND_FIELD])[0]
+        if command_field == C_CANCEL_RQ:  # identified by Message ID Being Responded To instead
+            values.setdefault(_MESSAGE_ID, values.get(_RESPONDED_TO, b"\x00\x00"))
+        elif command_field & _RESPONSE_BIT:  # a response (a peer that thinks it is the SCP): no Message ID
+            values.setdefault(_MESSAGE_ID, b"\x00\x00")
         return Command(
-            command_field=_US.unpack(values[_COMMAND_FIELD])[0],
+            command_field=command_field,
             message_id=_US.unpack(values[_MESSAGE_ID])[0],
             sop_class_uid=_text(values.get(_SOP_CLASS, b"")),
             sop_instance_uid=_text(values.get(_SOP_INSTANCE, b"")),
@@ -141,3 +151,26 @@ def echo_response(request: Command, status: int, context_id: int, max_pdu: int) 
         (_STATUS, _US.pack(status)),
     ])
     return command_pdus(command, context_id, max_pdu)
+
+
+def is_response(command: Command) -> bool:
+    """Whether ``command`` is a response (Command Field with bit 15 set)."""
+    return bool(command.command_field & _RESPONSE_BIT)
+
+
+def failure_response(request: Command, status: int, context_id: int, max_pdu: int) -> bytes:
+    """The response to a request the node does not perform — e.g. ``0x0211`` unrecognised operation or
+    ``0x0122`` SOP class not supported (PS3.7 C.4) — in the response command of the request's own type
+    (Command Field with bit 15 set), as P-DATA-TF PDU bytes."""
+    elements: list[tuple[int, bytes]] = []
+    if request.sop_class_uid:
+        elements.append((_SOP_CLASS, _uid(request.sop_class_uid)))
+    elements += [
+        (_COMMAND_FIELD, _US.pack(request.command_field | _RESPONSE_BIT)),
+        (_RESPONDED_TO, _US.pack(request.message_id)),
+        (_DATASET_TYPE, _US.pack(_NO_DATASET)),
+        (_STATUS, _US.pack(status)),
+    ]
+    if request.sop_instance_uid:
+        elements.append((_SOP_INSTANCE, _uid(request.sop_instance_uid)))
+    return command_pdus(encode_command(elements), context_id, max_pdu)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Final
 
@@ -84,17 +85,29 @@ class PDUSocket:
         self._header = bytearray(_HEADER.size)
         self._body = bytearray(64 * 1024)
 
-    def _read_exactly(self, view: memoryview) -> None:
+    def _read_exactly(self, view: memoryview, deadline: float | None) -> None:
         got = 0
         total = len(view)
+        sock = self.sock
         while got < total:
-            n = self.sock.recv_into(view[got:], total - got)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("PDU not complete before its deadline")
+                sock.settimeout(left)
+            n = sock.recv_into(view[got:], total - got)
             if n == 0:
                 raise PeerClosed("connection closed by the peer")
             got += n
 
-    def read_pdu(self) -> tuple[int, memoryview]:
+    def read_pdu(self, deadline: float | None = None) -> tuple[int, memoryview]:
         """Read one PDU: ``(pdu type, body)``.  The body is valid until the next call.
+
+        Parameters
+        ----------
+        deadline
+            ``time.monotonic()`` by which the whole PDU must have arrived, however it trickles in;
+            ``None``: only the socket's own timeout, per read.
 
         Raises
         ------
@@ -103,10 +116,10 @@ class PDUSocket:
         PeerClosed
             The connection was closed (before or in the middle of a PDU).
         TimeoutError
-            Nothing arrived within the socket's timeout.
+            The PDU was not complete by ``deadline`` (or a read waited longer than the socket's timeout).
         """
         header = memoryview(self._header)
-        self._read_exactly(header)
+        self._read_exactly(header, deadline)
         pdu_type, length = _HEADER.unpack(self._header)
         if pdu_type not in _KNOWN:
             raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
@@ -117,7 +130,7 @@ class PDUSocket:
         if length > len(self._body):
             self._body = bytearray(length)
         body = memoryview(self._body)[:length]
-        self._read_exactly(body)
+        self._read_exactly(body, deadline)
         return pdu_type, body
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
