@@ -369,7 +369,7 @@ def bench_model(tmp: Path) -> None:
     for name, make in (("MR", make_lumbar_mr), ("CT", make_spine_ct), ("XR", make_scoliosis_radiograph)):
         st = make(tmp / f"model-{name}")
         study = load_study(list(st.paths))
-        inputs = prepare_inputs(study, [s.series_instance_uid for s in study.series], settings)
+        inputs = prepare_inputs(study, [s.series_instance_uid for s in study.series], settings, model.image_size)
         t = time.perf_counter()
         findings = model.analyze(inputs)
         secs = time.perf_counter() - t

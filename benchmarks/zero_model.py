@@ -6,9 +6,11 @@ post-processing as the real backends, so the SR stage gets realistic input.
 
 from __future__ import annotations
 
+from inference.backends.qwen_vl import policy_for
 from inference.findings import ModelAnswer, ModelIdentity, SpineFindings
-from inference.inputs import ModelInput
+from inference.inputs import ImageSizePolicy, ModelInput
 from inference.postprocess import to_findings
+from inference.settings import ModelSettings
 
 __all__ = ["ZeroLatencyModel"]
 
@@ -33,6 +35,10 @@ class ZeroLatencyModel:
     @property
     def identity(self) -> ModelIdentity:
         return self._identity
+
+    @property
+    def image_size(self) -> ImageSizePolicy:
+        return policy_for(ModelSettings())  # the images the real model would get
 
     def analyze(self, inputs: ModelInput) -> SpineFindings:
         return to_findings(self._answer, inputs, self._identity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -11,7 +12,7 @@ import numpy.typing as npt
 
 from inference.findings import InputImage, ModelIdentity, SpineFindings
 
-__all__ = ["ModelImage", "ModelInput", "SpineModel", "Task"]
+__all__ = ["ImageSizePolicy", "ModelImage", "ModelInput", "SpineModel", "Task"]
 
 
 class Task(StrEnum):
@@ -20,6 +21,59 @@ class Task(StrEnum):
     LEVEL_IDENTIFICATION = "level_identification"
     PATHOLOGY_ASSESSMENT = "pathology_assessment"
     STRUCTURED_REPORT = "structured_report"
+
+
+@dataclass(frozen=True)
+class ImageSizePolicy:
+    """The image sizes a model takes unchanged, as its backend declares them (:attr:`SpineModel.image_size`).
+
+    Preprocessing resizes every image with :meth:`fit` and records the pixel → source transform of that
+    size; a model whose processor resized it again would see every coordinate misplaced, so a backend
+    that can check (``transformers``) does.
+
+    Parameters
+    ----------
+    multiple
+        Both sides are multiples of it (Qwen2.5-VL: 14 px patches merged 2×2 = 28).
+    longest
+        The longest side aimed at (rounded down to a multiple).
+    min_pixels, max_pixels
+        The pixel count the model's processor keeps (outside it, the processor rescales).
+    """
+
+    multiple: int
+    longest: int
+    min_pixels: int = 0
+    max_pixels: int = 2**31
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1:
+            raise ValueError(f"multiple: must be 1 or more, got {self.multiple}")
+        if self.longest < 2 * self.multiple:
+            raise ValueError(f"longest: {self.longest} is under two multiples of {self.multiple}")
+        if not 0 <= self.min_pixels <= self.max_pixels:
+            raise ValueError(f"min_pixels, max_pixels: need 0 <= {self.min_pixels} <= {self.max_pixels}")
+        if self.max_pixels < self.multiple**2:
+            raise ValueError(f"max_pixels: {self.max_pixels} is under one {self.multiple}x{self.multiple} patch")
+
+    def fit(self, rows: int, columns: int) -> tuple[int, int]:
+        """The model image size (rows, columns) for a source of ``rows`` x ``columns``: longest side
+        :attr:`longest`, aspect ratio kept as closely as the grid allows, then brought within the pixel
+        limits as Qwen2.5-VL's ``smart_resize`` would (so its processor leaves it unchanged)."""
+        m = self.multiple
+        longest = max(2 * m, self.longest - self.longest % m)
+        scale = longest / max(rows, columns)
+        out_rows = min(longest, max(m, round(rows * scale / m) * m))
+        out_cols = min(longest, max(m, round(columns * scale / m) * m))
+        if out_rows * out_cols > self.max_pixels:
+            beta = math.sqrt(out_rows * out_cols / self.max_pixels)
+            out_rows = max(m, math.floor(out_rows / beta / m) * m)
+            out_cols = max(m, math.floor(out_cols / beta / m) * m)
+        elif out_rows * out_cols < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (out_rows * out_cols))
+            out_rows = math.ceil(out_rows * beta / m) * m
+            out_cols = math.ceil(out_cols * beta / m) * m
+        return out_rows, out_cols
 
 
 @dataclass(frozen=True)
@@ -62,6 +116,11 @@ class SpineModel(Protocol):
 
     @property
     def identity(self) -> ModelIdentity: ...
+
+    @property
+    def image_size(self) -> ImageSizePolicy:
+        """The image sizes this model takes unchanged: preprocessing sizes every image with it."""
+        ...
 
     def analyze(self, inputs: ModelInput) -> SpineFindings:
         """Run the model on one study's images and return validated findings.

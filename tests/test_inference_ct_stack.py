@@ -18,7 +18,9 @@ import SimpleITK as sitk
 from pydicom.uid import RLELossless
 
 from dicom_node.devtools import phantoms as synthetic
-from inference import preprocess
+from inference import geometry
+from inference import pixels as pixel_io
+from inference.backends.qwen_vl import policy_for
 from inference.findings import ImagePlane
 from inference.inputs import ModelInput
 from inference.preprocess import BONE_WINDOW, prepare_inputs
@@ -152,7 +154,7 @@ def _reference(study: Study) -> list[tuple[npt.NDArray[np.uint8], float]]:
 
 
 def _all(study: Study) -> ModelInput:
-    return prepare_inputs(study, [s.series_instance_uid for s in study.series], SETTINGS)
+    return prepare_inputs(study, [s.series_instance_uid for s in study.series], SETTINGS, policy_for(SETTINGS))
 
 
 def _check_against_reference(study: Study) -> ModelInput:
@@ -172,8 +174,8 @@ def _check_against_reference(study: Study) -> ModelInput:
 
 def _fast_stack_used(study: Study) -> bool:
     series = study.series[0]
-    run = preprocess._longest_uniform_run(preprocess._sorted_positions(series))
-    return preprocess._read_stack_fast(study, run) is not None
+    run = geometry.longest_uniform_run(geometry.sorted_positions(series))
+    return pixel_io.read_stack_fast(study, run) is not None
 
 
 def test_phantom_matches_full_volume(phantom: list[Path]) -> None:
@@ -181,14 +183,14 @@ def test_phantom_matches_full_volume(phantom: list[Path]) -> None:
     assert _fast_stack_used(study)
     inputs = _check_against_reference(study)
     # the SimpleITK path (forced) gives the same images
-    run = preprocess._longest_uniform_run(preprocess._sorted_positions(study.series[0]))
-    fast = preprocess._read_stack_fast(study, run)
-    slow = preprocess._stack_from_image(preprocess._read_volume(run))
+    run = geometry.longest_uniform_run(geometry.sorted_positions(study.series[0]))
+    fast = pixel_io.read_stack_fast(study, run)
+    slow = pixel_io.stack_from_image(pixel_io.read_volume(run))
     assert fast is not None
     assert np.allclose(fast.to_point([3, 5, 7]), slow.to_point([3, 5, 7]), atol=1e-4)
-    assert np.allclose(preprocess._spine_centre(fast), preprocess._spine_centre(slow), atol=1e-6)
+    assert np.allclose(geometry.spine_centre(fast), geometry.spine_centre(slow), atol=1e-6)
     for plane, img in zip((ImagePlane.SAGITTAL, ImagePlane.CORONAL), inputs.images, strict=True):
-        pixels, affine = preprocess._reformat(slow, preprocess._spine_centre(slow), plane, SETTINGS.image_size)
+        pixels, affine = geometry.reformat(slow, geometry.spine_centre(slow), plane, policy_for(SETTINGS))
         assert np.array_equal(pixels, img.pixels) and np.allclose(affine, img.ref.pixel_to_patient)
 
 

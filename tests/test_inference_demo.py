@@ -14,6 +14,7 @@ from dicom_node.devtools import phantoms as synthetic
 from inference.backends import load_model
 from inference.backends import transformers_backend as tb
 from inference.backends.demo import DemoBackend
+from inference.backends.qwen_vl import policy_for
 from inference.demo_model import DEMO_MARKER_FILE, DEMO_NOTICE, build_demo_model, demo_model_is_complete
 from inference.errors import BackendUnavailableError, InferenceTimeoutError, InvalidModelOutputError
 from inference.findings import LEVELS, SpineFindings, level_sort_key
@@ -50,10 +51,12 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelInput]:
     out = {}
     for name, s in made.items():
         study = load_study(list(s.paths))
-        out[name] = prepare_inputs(study, [x.series_instance_uid for x in study.series], ModelSettings())
+        out[name] = prepare_inputs(study, [x.series_instance_uid for x in study.series], ModelSettings(),
+                                   policy_for(ModelSettings()))
         if name == "DX":  # a small request for the many-samples test
             out["small"] = prepare_inputs(
-                study, [x.series_instance_uid for x in study.series], ModelSettings(image_size=224)
+                study, [x.series_instance_uid for x in study.series], ModelSettings(image_size=224),
+                policy_for(ModelSettings(image_size=224)),
             )
     return out
 
@@ -110,6 +113,27 @@ def test_timeout_and_token_budget_fail_explicitly(
             backend.analyze(studies["small"])
     finally:
         backend.settings = original
+
+
+def test_a_processor_that_would_resize_the_images_is_refused(
+    backend: DemoBackend, studies: dict[str, ModelInput], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend's size policy follows its processor's limits; a processor configured with other limits
+    (here a max_pixels far below the images' size) would rescale them and misplace every coordinate: the
+    backend refuses with a permanent error naming the mismatch instead of answering."""
+    from dicom_node.errors import is_transient
+    from inference.errors import InferenceError
+
+    inputs = studies["DX"]  # prepared with the default image_size, as the backend's settings
+    rows, cols = inputs.images[0].ref.rows, inputs.images[0].ref.columns
+    assert backend.image_size.fit(rows, cols) == (rows, cols)  # what preprocessing used is what it keeps
+    ip = backend.processor.image_processor
+    small = 28 * 28 * 4
+    monkeypatch.setattr(ip, "max_pixels", small, raising=False)
+    monkeypatch.setattr(ip, "size", {**dict(ip.size), "longest_edge": small}, raising=False)
+    with pytest.raises(InferenceError, match=r"model processor resized image 0 from \d+x\d+ to") as err:
+        backend.analyze(inputs)
+    assert not is_transient(err.value)
 
 
 def test_out_of_gpu_memory_is_transient(

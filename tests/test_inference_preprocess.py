@@ -12,10 +12,12 @@ import pydicom.data
 import pytest
 
 from dicom_node.devtools import phantoms as synthetic
+from inference.backends.qwen_vl import policy_for
 from inference.errors import UnusableStudyError
 from inference.findings import ImagePlane
-from inference.inputs import ModelInput
-from inference.preprocess import PATCH, classify_plane, classify_weighting, model_image_size, prepare_inputs
+from inference.geometry import classify_plane
+from inference.inputs import ImageSizePolicy, ModelInput
+from inference.preprocess import classify_weighting, prepare_inputs
 from inference.settings import ModelSettings
 from inference.study import Study, StudyError, load_study
 
@@ -24,15 +26,15 @@ PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
 
 
 def _all(study: Study, settings: ModelSettings = SETTINGS) -> ModelInput:
-    return prepare_inputs(study, [s.series_instance_uid for s in study.series], settings)
+    return prepare_inputs(study, [s.series_instance_uid for s in study.series], settings, policy_for(settings))
 
 
 def _check_sizes(inputs: ModelInput, settings: ModelSettings = SETTINGS) -> None:
     assert 1 <= len(inputs.images) <= settings.max_images
     for img in inputs.images:
         rows, cols = img.pixels.shape[:2]
-        assert rows % PATCH == 0 and cols % PATCH == 0
-        assert max(rows, cols) == settings.image_size - settings.image_size % PATCH
+        assert rows % 28 == 0 and cols % 28 == 0  # Qwen2.5-VL: 28 px per visual token
+        assert max(rows, cols) == settings.image_size - settings.image_size % 28
         assert img.pixels.dtype == np.uint8
         assert img.pixels.max() > img.pixels.min()  # not blank
 
@@ -150,10 +152,8 @@ def test_radiograph_monochrome1_inverted_and_views(tmp_path: Path) -> None:
 def test_sizes_within_budget() -> None:
     for rows, cols in [(512, 512), (1024, 512), (64, 64), (3000, 1000), (100, 2000)]:
         for size in (224, 448, 450, 1344):
-            r, c = model_image_size(rows, cols, size)
-            assert (
-                r % PATCH == 0 and c % PATCH == 0 and max(r, c) == size - size % PATCH and min(r, c) >= PATCH
-            )
+            r, c = ImageSizePolicy(multiple=28, longest=size).fit(rows, cols)
+            assert r % 28 == 0 and c % 28 == 0 and max(r, c) == size - size % 28 and min(r, c) >= 28
     small = ModelSettings(image_size=224, max_images=2)
     inputs = _all(load_study([PYDICOM_FILES / "MR_small.dcm"]), small)
     _check_sizes(inputs, small)
@@ -164,9 +164,9 @@ def test_chest_only_and_pixelless_studies_are_unusable(tmp_path: Path) -> None:
     study = load_study(list(chest.paths))
     # the chest DX is a radiograph, but routing never selects it: nothing selected → unusable
     with pytest.raises(UnusableStudyError, match="no series"):
-        prepare_inputs(study, [], SETTINGS)
+        prepare_inputs(study, [], SETTINGS, policy_for(SETTINGS))
     with pytest.raises(UnusableStudyError, match="not in study"):
-        prepare_inputs(study, ["1.2.3.4"], SETTINGS)
+        prepare_inputs(study, ["1.2.3.4"], SETTINGS, policy_for(SETTINGS))
     with pytest.raises(UnusableStudyError, match="supported modality"):
         _all(load_study([PYDICOM_FILES / "test-SR.dcm"]))
     ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")

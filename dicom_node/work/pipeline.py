@@ -112,7 +112,9 @@ class Pipeline:
         import importlib
 
         t0 = time.perf_counter()
-        for name in ("inference.preprocess", "sr_templates", "SimpleITK", "pydicom.pixels.processing", "PIL.Image"):
+        modules = ("inference.preprocess", "inference.pixels", "inference.geometry", "sr_templates", "SimpleITK",
+                   "pydicom.pixels.processing", "PIL.Image")
+        for name in modules:
             try:
                 importlib.import_module(name)
             except ImportError:  # the stage that needs it reports it
@@ -159,7 +161,7 @@ class Pipeline:
             outcome.skipped_reason = selection.skip_reason
             return outcome
         t1 = time.perf_counter()
-        inputs = prepare_inputs(study, selection.series_uids, self.config.model)
+        inputs = prepare_inputs(study, selection.series_uids, self.config.model, self.model.image_size)
         t2 = time.perf_counter()
         findings = self.model.analyze(inputs)
         t3 = time.perf_counter()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from inference.backends.qwen_vl import policy_for
 from inference.errors import (
     BackendUnavailableError,
     InferenceError,
@@ -26,7 +27,7 @@ from inference.errors import (
     InvalidModelOutputError,
 )
 from inference.findings import ModelIdentity, SpineFindings
-from inference.inputs import ModelImage, ModelInput
+from inference.inputs import ImageSizePolicy, ModelImage, ModelInput
 from inference.postprocess import to_findings
 from inference.prompts import PROMPT_VERSION, build_messages
 from inference.schema import SchemaLimits, answer_schema, parse_answer
@@ -117,6 +118,12 @@ class OpenAIBackend:
         from inference.demo_model import DEMO_MARKER_FILE
 
         return self.settings.path is not None and (Path(self.settings.path) / DEMO_MARKER_FILE).is_file()
+
+    @property
+    def image_size(self) -> ImageSizePolicy:
+        """Qwen2.5-VL's sizes with its published pixel limits: the server's processor cannot be seen from
+        here, so configure it with these limits (or larger) — else it resizes and coordinates move."""
+        return policy_for(self.settings)
 
     @property
     def identity(self) -> ModelIdentity:

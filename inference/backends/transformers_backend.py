@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from inference.backends.qwen_vl import PATCH_SIZE, check_unchanged, processor_policy
 from inference.errors import (
     BackendUnavailableError,
     InferenceError,
@@ -30,7 +31,7 @@ from inference.errors import (
     InvalidModelOutputError,
 )
 from inference.findings import ModelIdentity, SpineFindings
-from inference.inputs import ModelImage, ModelInput
+from inference.inputs import ImageSizePolicy, ModelImage, ModelInput
 from inference.postprocess import to_findings
 from inference.prompts import PROMPT_VERSION, build_messages
 from inference.schema import SchemaLimits, answer_schema, parse_answer
@@ -355,6 +356,8 @@ class TransformersBackend:
         except (OSError, ValueError, ImportError, KeyError, RuntimeError, TypeError) as exc:
             raise BackendUnavailableError(f"model: cannot load {self.model_dir}: {type(exc).__name__}: {exc}") from exc
         torch.set_grad_enabled(False)
+        self._image_size = processor_policy(self.processor, settings)
+        self._patch_size = int(getattr(self.processor.image_processor, "patch_size", None) or PATCH_SIZE)
         config = self.model.config
         self._eos_ids = self._eos_token_ids()
         is_demo = demo or bool(getattr(config, "spinemed_demo", None))
@@ -375,6 +378,11 @@ class TransformersBackend:
             str(self.dtype).removeprefix("torch."),
             is_demo,
         )
+
+    @property
+    def image_size(self) -> ImageSizePolicy:
+        """Qwen2.5-VL's sizes, with this processor's own patch size and pixel limits."""
+        return self._image_size
 
     # -- identity -------------------------------------------------------------------------------
     def _model_name(self) -> str:
@@ -449,6 +457,8 @@ class TransformersBackend:
             encoded = self.processor(text=[text], images=images, return_tensors="pt")
         except (ValueError, TypeError, RuntimeError) as exc:
             raise InferenceError(f"model processor rejected the images: {exc}") from exc
+        check_unchanged([(img.ref.rows, img.ref.columns) for img in inputs.images],
+                        encoded["image_grid_thw"].tolist(), self._patch_size)
         encoded = encoded.to(self.device)
         prompt_length = int(encoded["input_ids"].shape[1])
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
