@@ -209,20 +209,24 @@ class NodeProcess:
         return SQLiteJobStore(self.data_dir / "jobs.sqlite3")
 
     def wait_state(self, study_uid: str, states: set[str], timeout: float = 180.0):  # type: ignore[no-untyped-def]
+        return self.wait_job(study_uid, lambda job: job.state.value in states, f"job in {states}", timeout)
+
+    def wait_job(self, study_uid: str, ok: Any, what: str, timeout: float = 180.0):  # type: ignore[no-untyped-def]
+        """The study's job once ``ok(job)`` holds; fails with the node's log after ``timeout`` seconds."""
         store = self.store()
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 try:
                     job = store.by_study(study_uid)
-                    if job.state.value in states:
+                    if ok(job):
                         return job
                 except KeyError:
                     pass
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"node exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
                 time.sleep(0.1)
-            raise TimeoutError(f"job not in {states} after {timeout}s:\n{self.log.read_text()[-3000:]}")
+            raise TimeoutError(f"{what}: not after {timeout}s:\n{self.log.read_text()[-3000:]}")
         finally:
             store.close()
 

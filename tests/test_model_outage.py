@@ -132,22 +132,8 @@ def nodes() -> Iterator[list[NodeProcess]]:
 
 
 def _wait_job(node: NodeProcess, study_uid: str, ok: Callable[[Job], bool], what: str, timeout: float = 90) -> Job:
-    store = node.store()
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                job = store.by_study(study_uid)
-                if ok(job):
-                    return job
-            except KeyError:
-                pass
-            if node.proc.poll() is not None:
-                raise AssertionError(f"node exited {node.proc.returncode}: {node.log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"{what}: not within {timeout} s:\n{node.log.read_text()[-3000:]}")
-    finally:
-        store.close()
+    job: Job = node.wait_job(study_uid, ok, what, timeout)
+    return job
 
 
 def _metric(base: str, name: str) -> float:
