@@ -3,9 +3,10 @@
 Pure functions on Orthanc's *main DICOM tags* (what ``/studies/{id}/series`` returns), standard library
 only, so the loop guard is unit-tested without Orthanc and runs inside Orthanc's interpreter.
 
-Our result objects (measurement SR, narrative SR, key image) share one series written by
-``sr_templates``: Manufacturer ``SpineMed``, Series Description starting ``SpineMed AI results`` and the
-configured ``output.series_number``.  A series is ours when its Manufacturer is exactly ours *and* its
+Our result objects are written by ``sr_templates`` in two series, one modality each: the measurement and
+narrative SRs ("SpineMed AI results", ``output.series_number``) and the key image ("SpineMed AI key
+images", the next series number); both have Manufacturer ``SpineMed`` and a Series Description starting
+``SpineMed AI``.  A series is ours when its Manufacturer is exactly ours *and* its
 description or number is ours: the synthetic phantoms ("SpineMed Phantom") and a site whose modality
 happens to use series number 9901 are not.  The node's job store (the SOP Instance UIDs it wrote) is a
 second, independent guard applied by the bridge.
@@ -31,11 +32,12 @@ class OwnMarkers:
     series_description_prefix
         Series Description (0008,103E) prefix of our objects.
     series_number
-        Series Number (0020,0011) of our objects (``output.series_number``).
+        Series Number (0020,0011) of our SR series (``output.series_number``); the key image series has
+        the next number.
     """
 
     manufacturer: str = "SpineMed"
-    series_description_prefix: str = "SpineMed AI results"
+    series_description_prefix: str = "SpineMed AI"
     series_number: int | None = 9901
 
 
@@ -100,7 +102,7 @@ def is_own_series(tags: Mapping[str, object], markers: OwnMarkers) -> bool:
     number = _tag(tags, "SeriesNumber")
     if markers.series_number is None or not number.lstrip("+").isdigit():
         return False
-    return int(number) == markers.series_number
+    return int(number) in (markers.series_number, markers.series_number + 1)
 
 
 def is_candidate_series(
