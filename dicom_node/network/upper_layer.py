@@ -63,6 +63,7 @@ MAX_PDU_LENGTH: Final = 1 << 20
 #: A-ASSOCIATE-RQ with every storage class and transfer syntax stays well below this.
 _MAX_CONTROL_PDU: Final = 1 << 20
 _HEADER = struct.Struct(">BxI")
+_TIMEOUT_SLACK_S: Final = 1.0
 _PDV_HEADER = struct.Struct(">IBB")
 
 
@@ -94,7 +95,11 @@ class PDUSocket:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("PDU not complete before its deadline")
-                sock.settimeout(left)
+                # settimeout costs two fcntl calls under the GIL: change it only when the deadline is more
+                # than a second off what is set (so a PDU may overrun its deadline by at most that second)
+                current = sock.gettimeout()
+                if current is None or abs(current - left) > _TIMEOUT_SLACK_S:
+                    sock.settimeout(left)
             n = sock.recv_into(view[got:], total - got)
             if n == 0:
                 raise PeerClosed("connection closed by the peer")
