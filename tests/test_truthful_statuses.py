@@ -120,12 +120,16 @@ def test_instances_with_truncated_pixels_are_left_out_with_their_reason(node: No
     bad_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in bad}
     assert {e["sop_instance_uid"] for e in excluded} == bad_uids
     assert all(e["reason"] == "pixel data truncated: 9216 of 18432 bytes declared" for e in excluded), excluded
-    # the key image is never one of the left-out slices
+    # the key image is never one of the left-out slices; the jobs page says what was left out
+    from dicom_node.ops.web.pages import jobs_page
+
     store = node.store()
     try:
         key = [o for o in store.outputs(partly.study_instance_uid) if o.kind == "key_image"]
+        page = jobs_page(store)
     finally:
         store.close()
+    assert "2 instances left out: pixel data truncated (2)" in page
     for o in key:
         ref = pydicom.dcmread(o.path, stop_before_pixels=True)
         sources = {str(item.ReferencedSOPInstanceUID) for item in ref.get("SourceImageSequence", [])}
