@@ -72,7 +72,8 @@ class NodeSection(_Section):
         description="connections still awaiting their A-ASSOCIATE-RQ (each holds a thread for at most "
                     "acse_timeout_s); more are closed at once, so idle or slow peers cannot lock others out")
     max_pending_per_source: int = Field(
-        default=8, ge=1, le=4096, description="of those, from one source address (a modality needs one or two)")
+        default=16, ge=1, le=4096,
+        description="of those, from one source address (a PACS may open a dozen associations at once)")
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = any")
     acse_timeout_s: float = Field(
         default=30.0, gt=0, description="ARTIM: the whole TLS handshake and A-ASSOCIATE-RQ must arrive within it")

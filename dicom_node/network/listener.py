@@ -166,7 +166,7 @@ class ListenerSettings:
     ssl_context: ssl.SSLContext | None = None
     max_pdu_length: int = MAX_PDU_LENGTH
     max_pending: int = 64
-    max_pending_per_source: int = 8
+    max_pending_per_source: int = 16
 
 
 class Listener:
@@ -402,15 +402,14 @@ class Listener:
             log.exception("association aborted: internal error", peer_ip=peer_ip)
             _send_quietly(pdus, abort_pdu(ABORT_NOT_SPECIFIED))
         finally:
-            try:
-                sock.close()
-            finally:
-                if reserved:
-                    self._release()
-                self._settle(key)
-                with self._lock:
-                    self._active.pop(key, None)
-                    self._expired.discard(key)
+            # the slots first: a peer that reconnects the moment it sees the close is not counted twice
+            if reserved:
+                self._release()
+            self._settle(key)
+            with self._lock:
+                self._active.pop(key, None)
+                self._expired.discard(key)
+            sock.close()
 
     def _negotiate(self, pdus: PDUSocket, pdu_type: int, body: memoryview, peer_ip: str, peer_port: int,
                    busy: bool) -> tuple[AssociationInfo, Accepted] | None:
