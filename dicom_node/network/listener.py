@@ -311,10 +311,11 @@ class Listener:
             expired: list[socket.socket] = []
             done: list[socket.socket] = []
             with self._lock:
-                for key, (deadline, _) in self._pending.items():
+                for key, (deadline, _) in list(self._pending.items()):
                     if deadline <= now and key not in self._expired and key in self._active:
                         self._expired.add(key)
                         expired.append(self._active[key][0])
+                        self._unpend(key)  # no longer pending from now: its thread only has to finish
                 done = [sock for at, sock in self._lingering if at <= now]
                 self._lingering = [(at, sock) for at, sock in self._lingering if at > now]
             for sock in expired:  # the connection's thread wakes up (its read ends) and finishes
@@ -329,14 +330,18 @@ class Listener:
     def _settle(self, key: int) -> None:
         """The connection ``key`` is no longer pending (associated, refused or closed)."""
         with self._lock:
-            item = self._pending.pop(key, None)
-            if item is not None:
-                source = item[1]
-                left = self._pending_by_source.get(source, 1) - 1
-                if left > 0:
-                    self._pending_by_source[source] = left
-                else:
-                    self._pending_by_source.pop(source, None)
+            self._unpend(key)
+
+    def _unpend(self, key: int) -> None:
+        """:meth:`_settle` with the lock held."""
+        item = self._pending.pop(key, None)
+        if item is not None:
+            source = item[1]
+            left = self._pending_by_source.get(source, 1) - 1
+            if left > 0:
+                self._pending_by_source[source] = left
+            else:
+                self._pending_by_source.pop(source, None)
 
     def _reserve(self) -> bool:
         """Take one of ``max_associations`` for a connection whose request arrived; ``False`` when none is left."""
@@ -354,7 +359,9 @@ class Listener:
         s = self.settings
         sock: socket.socket = conn
         pdus: PDUSocket | None = None
-        deadline = self._pending[key][0]
+        with self._lock:
+            item = self._pending.get(key)
+        deadline = item[0] if item is not None else time.monotonic()  # already expired: the read times out
         reserved = False
         try:
             conn.settimeout(s.acse_timeout_s)
