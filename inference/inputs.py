@@ -69,6 +69,11 @@ class ImageSizePolicy:
             beta = math.sqrt(out_rows * out_cols / self.max_pixels)
             out_rows = max(m, math.floor(out_rows / beta / m) * m)
             out_cols = max(m, math.floor(out_cols / beta / m) * m)
+            while out_rows * out_cols > self.max_pixels:  # one side held at its minimum: trim the other
+                if out_rows >= out_cols:
+                    out_rows -= m
+                else:
+                    out_cols -= m
         elif out_rows * out_cols < self.min_pixels:
             beta = math.sqrt(self.min_pixels / (out_rows * out_cols))
             out_rows = math.ceil(out_rows * beta / m) * m

@@ -206,3 +206,18 @@ def test_pydicom_test_files_never_crash(name: str, tmp_path: Path) -> None:
                 assert str(exc)
             else:
                 _check_sizes(inputs)
+
+
+def test_size_policy_is_what_qwen_processor_keeps() -> None:
+    """Every size the policy picks is left unchanged by transformers' own Qwen2-VL ``smart_resize`` — tiny
+    images enlarged to min_pixels (pydicom's 28×56 overlay example at image_size 56 was once resized by the
+    processor, misplacing its coordinates), large ones brought under max_pixels."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    for min_pixels, max_pixels in ((3136, 12845056), (3136, 112 * 112), (56 * 112, 1003520)):
+        for longest in (56, 224, 448, 1344):
+            policy = ImageSizePolicy(multiple=28, longest=longest, min_pixels=min_pixels, max_pixels=max_pixels)
+            for rows, cols in ((64, 128), (512, 512), (3000, 1000), (100, 2000), (28, 56), (2048, 2048)):
+                r, c = policy.fit(rows, cols)
+                assert r % 28 == 0 and c % 28 == 0 and min_pixels <= r * c <= max_pixels, (policy, rows, cols)
+                assert smart_resize(r, c, factor=28, min_pixels=min_pixels, max_pixels=max_pixels) == (r, c)
