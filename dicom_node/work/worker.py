@@ -239,7 +239,7 @@ class Worker:
 
     # ------------------------------------------------------------------ stages
     def _analyse(self, job: Job) -> Job:
-        self.store.transition(job.id, self.owner, JobState.INFERRING)
+        job = self.store.transition(job.id, self.owner, JobState.INFERRING)  # attempts now counts this analysis
         records = self.store.instances(job.study_instance_uid)
         try:
             paths = [r.path for r in records]
@@ -297,7 +297,7 @@ class Worker:
         with the persisted backoff, up to ``[worker] model_max_attempts`` analyses; a permanent one fails it."""
         cfg = self.config.worker
         reason = f"{type(exc).__name__}: {exc}"
-        attempts = self.store.get(job.id).attempts  # counts this analysis
+        attempts = job.attempts
         if is_transient(exc) and attempts < cfg.model_max_attempts:
             delay = backoff_delay(attempts, cfg.model_backoff_initial_s, cfg.model_backoff_max_s)
             log.warning("analysis deferred: the model is unavailable", job=job.id, error=type(exc).__name__,
