@@ -309,6 +309,15 @@ class LevelFinding(_Strict):
     def transitional(self) -> bool:
         return is_transitional(self.level)
 
+    @property
+    def absent(self) -> bool:
+        """The condition was assessed at this level and is not there (severity ``none``).
+
+        ``no_abnormality`` is a finding of its own (a normal level), not an absent condition.
+        Outputs encode an absent condition as absent, never as a finding of severity "none".
+        """
+        return self.severity is Severity.NONE and self.finding is not FindingType.NO_ABNORMALITY
+
 
 class NarrativeReport(_Strict):
     """The six sections SpineGPT writes (SpineMed-450k report format)."""

@@ -31,10 +31,12 @@ from sr_templates.key_image import SpineKeyImage, choose_key_image
 from sr_templates.measurement_report import (
     SpineMeasurementGroup,
     SpineMeasurementReport,
+    SpinePlanarROIGroup,
     algorithm_identification,
+    is_localised,
 )
 from sr_templates.narrative import SpineNarrativeReport
-from sr_templates.text import DEMO_SERIES_SUFFIX, finding_summary, short_string
+from sr_templates.text import DEMO_SERIES_SUFFIX, finding_name, finding_summary, short_string
 
 __all__ = ["SERIES_DESCRIPTION", "OutputOptions", "build_outputs"]
 
@@ -203,6 +205,50 @@ def _group_by_level(
     return [(lv, by_level[lv][0], by_level[lv][1]) for lv in ordered]
 
 
+def _measurement_groups(
+    study_uid: str,
+    levels: Sequence[LevelFinding],
+    resolved: Sequence[Sequence[ResolvedEvidence]],
+    algorithm: hd.sr.AlgorithmIdentification,
+    prefix: str | None,
+) -> list[SpineMeasurementGroup | SpinePlanarROIGroup]:
+    """Per level, cranio-caudal: a TID 1410 group per point of each localised finding, then one
+    TID 1501 group with the level's other findings (not localised, or absent)."""
+    groups: list[SpineMeasurementGroup | SpinePlanarROIGroup] = []
+    for level, fs, es in _group_by_level(levels, resolved):
+        seen: dict[str, int] = {}
+        rest: list[tuple[LevelFinding, Sequence[ResolvedEvidence]]] = []
+        for finding, evs in zip(fs, es, strict=True):
+            if not is_localised(finding, evs):
+                rest.append((finding, evs))
+                continue
+            n = seen[finding.finding] = seen.get(finding.finding, 0) + 1
+            name = f"{level} {finding_name(finding.finding)}" + (f" ({n})" if n > 1 else "")
+            points = [ev for ev in evs if ev.point is not None or ev.point_3d is not None]
+            for k, ev in enumerate(points):
+                groups.append(
+                    SpinePlanarROIGroup(
+                        finding=finding,
+                        evidence=ev,
+                        tracking_uid=uids.tracking_uid(study_uid, f"{level}/{finding.finding.value}/{n}/{k}", prefix),
+                        tracking_identifier=name if len(points) == 1 else f"{name} region {k + 1}",
+                        algorithm=algorithm,
+                        measurements=k == 0,
+                    )
+                )
+        if rest:
+            groups.append(
+                SpineMeasurementGroup(
+                    level=level,
+                    findings=[f for f, _ in rest],
+                    evidence=[e for _, e in rest],
+                    tracking_uid=uids.tracking_uid(study_uid, level, prefix),
+                    algorithm=algorithm,
+                )
+            )
+    return groups
+
+
 def build_outputs(
     study: Study,
     findings: SpineFindings,
@@ -329,16 +375,7 @@ def _build(
 
     # TID 1500
     algorithm = algorithm_identification(findings.model)
-    groups = [
-        SpineMeasurementGroup(
-            level=level,
-            findings=fs,
-            evidence=es,
-            tracking_uid=uids.tracking_uid(study.study_instance_uid, level, prefix),
-            algorithm=algorithm,
-        )
-        for level, fs, es in _group_by_level(levels, resolved)
-    ]
+    groups = _measurement_groups(study.study_instance_uid, levels, resolved, algorithm, prefix)
     modality = findings.images[0].modality if findings.images else (study.modalities or ("OT",))[0]
     region = spine_region([f.level for f in levels], [s.body_part_examined for s in study.series])
     procedure = procedure_code(modality, region)

@@ -101,6 +101,7 @@ class SpineCodes:
     SUPERIOR = codes.SCT.Superior  # upper end vertebra of a Cobb angle
     INFERIOR = codes.SCT.Inferior  # lower end vertebra of a Cobb angle
     MIDLINE = codes.SCT.Midline  # "central" laterality of a disc finding
+    ABSENT = codes.SCT.Absent  # 272519000: a condition assessed and not present
 
     # --- private: what the standard code sets (as carried by pydicom) lack
     MEYERDING_GRADE = private_code("MEYERDING", "Meyerding grade")
@@ -207,9 +208,10 @@ def finding_for_code(code: Code | CodedConcept) -> FindingType:
     return _CODE_FINDINGS[(str(code.scheme_designator), str(code.value))]
 
 
+#: Severity of a present finding.  ``Severity.NONE`` has no code: on a condition it means the condition
+#: is absent (coded as :attr:`SpineCodes.ABSENT`), on ``no_abnormality`` there is nothing to grade.
 SEVERITY_CODES: Mapping[Severity, Code] = MappingProxyType(
     {
-        Severity.NONE: private_code("SEVERITY-NONE", "None"),
         Severity.MILD: codes.SCT.Mild,  # 255604002
         Severity.MODERATE: codes.SCT.Moderate,  # 6736007
         Severity.SEVERE: codes.SCT.Severe,  # 24484000

@@ -254,7 +254,7 @@ class SpineKeyImage(hd.sc.SCImage):
                 and ev.sop_instance_uids[0] == uid
                 and (frames == 1 or ev.frame_number == frame_number)
             ]
-            if here:
+            if here and not finding.absent:  # an absent condition is not marked on the image
                 for ev in here:
                     assert ev.point is not None
                     labels.append((ev.point[0], ev.point[1], finding.level))

@@ -1,22 +1,33 @@
-"""TID 1500 Measurement Report for SpineMed findings: one TID 1501 group per vertebral level.
+"""TID 1500 Measurement Report for SpineMed findings: TID 1410 planar ROIs and TID 1501 groups.
 
-Content tree (abridged) of :class:`SpineMeasurementReport`::
+A finding the model localised at a point becomes a TID 1410 Planar ROI group whose region is that
+point on the source image (SCOORD, or SCOORD3D in the frame of reference for a reformat) — the
+structure highdicom builds and viewers such as OHIF draw.  The findings of a level that have no
+point (an image reference only, or none), and conditions assessed as absent, stay in one TID 1501
+group per level.  Content tree (abridged) of :class:`SpineMeasurementReport`::
 
     CONTAINER (126000, DCM, "Imaging Measurement Report")                       TID 1500
       HAS OBS CONTEXT  device observer (UID, name, manufacturer, model)          TID 1001/1004
-      HAS CONCEPT MOD  (121058, DCM, "Procedure reported") = e.g. MRI of lumbar spine
+      HAS CONCEPT MOD  (121058, DCM, "Procedure reported") = e.g. MR lumbar spine (LOINC)
       CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")
-        CONTAINS CONTAINER (125007, DCM, "Measurement Group")                      TID 1501
-          HAS OBS CONTEXT  Tracking Identifier "L4-L5", Tracking UID
-          HAS CONCEPT MOD  Finding Site = (84020006, SCT, "L4/L5 disc") [+ Laterality]
+        CONTAINS CONTAINER (125007, DCM, "Measurement Group")                      TID 1410
+          HAS OBS CONTEXT  Tracking Identifier "L4-L5 disc herniation", Tracking UID
+          HAS CONCEPT MOD  Finding = disc herniation;  Finding Site = L4/L5 disc [+ Laterality]
           HAS CONCEPT MOD  Algorithm Name / Version / Parameters                    TID 4019
-          CONTAINS IMAGE   Source (SOP instance, frame) of every evidence image
-          CONTAINS NUM     measurements (UCUM units)                                TID 300
-          CONTAINS CODE    (121071, DCM, "Finding") = finding, one per finding at the level
-            HAS PROPERTIES  Severity, Meyerding grade, Localisation status
-            HAS CONCEPT MOD Laterality (left/right/bilateral) or Topographical modifier (midline)
-            INFERRED FROM   SCOORD POINT -> SELECTED FROM IMAGE  |  SCOORD3D POINT  |  IMAGE
+          CONTAINS SCOORD  (111030, DCM, "Image Region") POINT -> SELECTED FROM IMAGE  | SCOORD3D
+          CONTAINS NUM     measurements of the finding (UCUM units)                 TID 300
+          CONTAINS CODE    Severity = moderate; Meyerding grade (private)
           CONTAINS TEXT    (121106, DCM, "Comment") = "L4-L5: disc herniation, moderate, left"
+        CONTAINS CONTAINER (125007, DCM, "Measurement Group")                      TID 1501
+          HAS OBS CONTEXT  Tracking Identifier "L1", Tracking UID
+          HAS CONCEPT MOD  Finding Site = L1 vertebra;  Algorithm identification
+          CONTAINS IMAGE   Source of every evidence image
+          CONTAINS NUM     measurements
+          CONTAINS CODE    (121071, DCM, "Finding") = finding not localised at a point
+            HAS PROPERTIES  Severity, Meyerding grade, Localisation status
+            INFERRED FROM   IMAGE
+          CONTAINS CODE    (finding concept) = (272519000, SCT, "Absent")   an assessed, absent condition
+          CONTAINS TEXT    (121106, DCM, "Comment") = "L1: no vertebral fracture"
       CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")   only for the demo model
         CONTAINS TEXT (121106, DCM, "Comment") = "DEMO MODEL OUTPUT - NOT FOR DIAGNOSTIC USE ..."
 """
@@ -24,6 +35,7 @@ Content tree (abridged) of :class:`SpineMeasurementReport`::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import highdicom as hd
 import numpy as np
@@ -51,7 +63,13 @@ from sr_templates.codes import (
 from sr_templates.evidence import ResolvedEvidence
 from sr_templates.text import DEMO_TEXT, finding_summary, text_value
 
-__all__ = ["SpineMeasurementGroup", "SpineMeasurementReport", "algorithm_identification"]
+__all__ = [
+    "SpineMeasurementGroup",
+    "SpineMeasurementReport",
+    "SpinePlanarROIGroup",
+    "algorithm_identification",
+    "is_localised",
+]
 
 _REL = hd.sr.RelationshipTypeValues
 
@@ -161,23 +179,43 @@ def _evidence_items(resolved: Sequence[ResolvedEvidence]) -> list[hd.sr.ContentI
     return items
 
 
+def is_localised(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -> bool:
+    """True where ``finding`` is present and the model gave a point that maps onto a source image."""
+    return not finding.absent and any(ev.point is not None or ev.point_3d is not None for ev in resolved)
+
+
+def _absent_item(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -> hd.sr.QualitativeEvaluation:
+    """An assessed, absent condition: (finding concept) = Absent, with the images it was assessed on."""
+    evaluation = hd.sr.QualitativeEvaluation(name=FINDING_CODES[finding.finding], value=SpineCodes.ABSENT)
+    children = _evidence_items([_without_point(ev) for ev in resolved])
+    if children:
+        evaluation[0].ContentSequence = hd.sr.ContentSequence(children)
+    return evaluation
+
+
+def _without_point(ev: ResolvedEvidence) -> ResolvedEvidence:
+    return replace(ev, point=None, point_3d=None, frame_of_reference_uid=None)
+
+
+def _grading(finding: LevelFinding) -> list[tuple[Code, Code]]:
+    """(concept, value) of the severity (when graded) and Meyerding grade of a present finding."""
+    pairs: list[tuple[Code, Code]] = []
+    severity = SEVERITY_CODES.get(finding.severity)
+    if severity is not None:
+        pairs.append((SpineCodes.SEVERITY, severity))
+    if finding.grade is not None:
+        pairs.append((SpineCodes.MEYERDING_GRADE, MEYERDING_GRADE_CODES[finding.grade]))
+    return pairs
+
+
 def _finding_item(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -> hd.sr.QualitativeEvaluation:
+    if finding.absent:
+        return _absent_item(finding, resolved)
     evaluation = hd.sr.QualitativeEvaluation(name=SpineCodes.FINDING, value=FINDING_CODES[finding.finding])
     children: list[hd.sr.ContentItem] = [
-        hd.sr.CodeContentItem(
-            name=SpineCodes.SEVERITY,
-            value=SEVERITY_CODES[finding.severity],
-            relationship_type=_REL.HAS_PROPERTIES,
-        )
+        hd.sr.CodeContentItem(name=name, value=value, relationship_type=_REL.HAS_PROPERTIES)
+        for name, value in _grading(finding)
     ]
-    if finding.grade is not None:
-        children.append(
-            hd.sr.CodeContentItem(
-                name=SpineCodes.MEYERDING_GRADE,
-                value=MEYERDING_GRADE_CODES[finding.grade],
-                relationship_type=_REL.HAS_PROPERTIES,
-            )
-        )
     if finding.laterality is not None:
         central = finding.laterality.value == "central"
         children.append(
@@ -280,12 +318,106 @@ class SpineMeasurementGroup(hd.sr.MeasurementsAndQualitativeEvaluations):
             qualitative_evaluations=qualitative,
             source_images=sources or None,
         )
-        summary = finding_summary(level, findings)
-        if is_transitional(level):
-            summary += " (transitional anatomy)"
-        self[0].ContentSequence.append(
-            hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=text_value(summary), relationship_type=_REL.CONTAINS)
+        self.level = level
+        _append_comment(self, finding_summary(level, findings), level)
+
+
+def _append_comment(group: hd.sr.templates.Template, summary: str, level: str) -> None:
+    if is_transitional(level):
+        summary += " (transitional anatomy)"
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=text_value(summary), relationship_type=_REL.CONTAINS)
+    )
+
+
+class SpinePlanarROIGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+    """TID 1410 Planar ROI Measurements and Qualitative Evaluations for one localised finding.
+
+    The region is the point the model gave, on the source image it maps to (an Image Region SCOORD
+    POINT with its source image), or in the source frame of reference for a reformatted input
+    (SCOORD3D).  The finding is the group's Finding (TID 1410 row 4), its level the Finding Site with
+    laterality; severity and Meyerding grade are qualitative evaluations; the finding's measurements
+    are TID 300 items.
+
+    Parameters
+    ----------
+    finding
+        A present :class:`~inference.findings.LevelFinding`.
+    evidence
+        One resolved evidence item that carries a point (``point`` or ``point_3d``).
+    tracking_uid
+        Tracking Unique Identifier of the region.
+    tracking_identifier
+        Human-readable tracking identifier, e.g. ``"L4-L5 disc herniation"``.
+    algorithm
+        TID 4019 identification of the algorithm that produced the finding.
+    measurements
+        Whether to write the finding's measurements in this group (the first region of a finding
+        carries them; further regions of the same finding do not repeat them).
+
+    Raises
+    ------
+    TypeError
+        An argument has the wrong type.
+    ValueError
+        The finding is absent, or ``evidence`` has no point.
+    """
+
+    def __init__(
+        self,
+        finding: LevelFinding,
+        evidence: ResolvedEvidence,
+        tracking_uid: str,
+        tracking_identifier: str,
+        algorithm: hd.sr.AlgorithmIdentification,
+        *,
+        measurements: bool = True,
+    ) -> None:
+        if not isinstance(finding, LevelFinding):
+            raise TypeError(f"finding: expected LevelFinding, got {type(finding).__name__}")
+        if finding.absent:
+            raise ValueError("finding: an absent condition has no region of interest")
+        if not isinstance(evidence, ResolvedEvidence):
+            raise TypeError(f"evidence: expected ResolvedEvidence, got {type(evidence).__name__}")
+        if evidence.point is None and evidence.point_3d is None:
+            raise ValueError("evidence: a planar ROI needs a point on the source image or in its frame of reference")
+        if not isinstance(tracking_uid, str) or not tracking_uid:
+            raise TypeError("tracking_uid: expected a non-empty str")
+        if not isinstance(tracking_identifier, str) or not tracking_identifier:
+            raise TypeError("tracking_identifier: expected a non-empty str")
+        if not isinstance(algorithm, hd.sr.AlgorithmIdentification):
+            raise TypeError(f"algorithm: expected AlgorithmIdentification, got {type(algorithm).__name__}")
+        region: hd.sr.ImageRegion | hd.sr.ImageRegion3D
+        if evidence.point is not None:
+            frames = [evidence.frame_number] if evidence.frame_number is not None else None
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POINT,
+                graphic_data=np.array([evidence.point], dtype=float),
+                source_image=hd.sr.SourceImageForRegion(
+                    referenced_sop_class_uid=evidence.sop_class_uid,
+                    referenced_sop_instance_uid=evidence.sop_instance_uids[0],
+                    referenced_frame_numbers=frames,
+                ),
+            )
+        else:
+            assert evidence.point_3d is not None and evidence.frame_of_reference_uid is not None
+            region = hd.sr.ImageRegion3D(
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.array([evidence.point_3d], dtype=float),
+                frame_of_reference_uid=evidence.frame_of_reference_uid,
+            )
+        evaluations = [hd.sr.QualitativeEvaluation(name=name, value=value) for name, value in _grading(finding)]
+        super().__init__(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_identifier),
+            referenced_region=region,
+            finding_type=FINDING_CODES[finding.finding],
+            algorithm_id=algorithm,
+            finding_sites=[_finding_site(finding.level, [finding])],
+            measurements=[_measurement(m) for m in finding.measurements] if measurements else None,
+            qualitative_evaluations=evaluations or None,
         )
+        self.level = finding.level
+        _append_comment(self, finding_summary(finding.level, [finding]), finding.level)
 
 
 class SpineMeasurementReport(hd.sr.MeasurementReport):
@@ -314,7 +446,7 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
         self,
         observation_context: hd.sr.ObservationContext,
         procedure_reported: Code,
-        groups: Sequence[SpineMeasurementGroup],
+        groups: Sequence[SpineMeasurementGroup | SpinePlanarROIGroup],
         *,
         demo: bool = False,
     ) -> None:
@@ -324,15 +456,21 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
             )
         if not isinstance(procedure_reported, Code | hd.sr.CodedConcept):
             raise TypeError(f"procedure_reported: expected a Code, got {type(procedure_reported).__name__}")
-        if not isinstance(groups, Sequence) or any(not isinstance(g, SpineMeasurementGroup) for g in groups):
-            raise TypeError("groups: expected a sequence of SpineMeasurementGroup")
+        if not isinstance(groups, Sequence) or any(
+            not isinstance(g, SpineMeasurementGroup | SpinePlanarROIGroup) for g in groups
+        ):
+            raise TypeError("groups: expected a sequence of SpineMeasurementGroup or SpinePlanarROIGroup")
         if not isinstance(demo, bool):
             raise TypeError(f"demo: expected bool, got {type(demo).__name__}")
-        levels = [_group_level(g) for g in groups]
+        levels = [g.level for g in groups if isinstance(g, SpineMeasurementGroup)]
         if len(set(levels)) != len(levels):
-            raise ValueError("groups: each level must appear in one group only")
-        if levels != sorted(levels, key=level_sort_key):
+            raise ValueError("groups: each level must have one TID 1501 group only")
+        all_levels = [g.level for g in groups]
+        if all_levels != sorted(all_levels, key=level_sort_key):
             raise ValueError("groups: must be in cranio-caudal order")
+        uids = [_tracking_uid(g) for g in groups]
+        if len(set(uids)) != len(uids):
+            raise ValueError("groups: two groups share a tracking UID")
         super().__init__(
             observation_context=observation_context,
             procedure_reported=procedure_reported,
@@ -348,8 +486,8 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
             self[0].ContentSequence.append(container)
 
 
-def _group_level(group: SpineMeasurementGroup) -> str:
+def _tracking_uid(group: hd.sr.templates.Template) -> str:
     for item in group[0].ContentSequence:
-        if item.ConceptNameCodeSequence[0].CodeValue == "112039":
-            return str(item.TextValue)
-    raise ValueError("groups: a group without tracking identifier")
+        if item.ConceptNameCodeSequence[0].CodeValue == "112040":
+            return str(item.UID)
+    raise ValueError("groups: a group without tracking unique identifier")

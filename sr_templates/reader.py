@@ -1,14 +1,16 @@
 """Read a SpineMed TID 1500 SR back into findings (round-trip checks, audits, revisions).
 
-Parsing uses highdicom (:class:`highdicom.sr.MeasurementReport`,
-:class:`highdicom.sr.MeasurementsAndQualitativeEvaluations`) and walks the children of each
-"Finding" item (severity, grade, laterality, localisation, coordinates) that highdicom's
-qualitative-evaluation accessor does not expose.
+Parsing uses highdicom (:class:`highdicom.sr.MeasurementReport`, its TID 1410
+:class:`~highdicom.sr.PlanarROIMeasurementsAndQualitativeEvaluations` and TID 1501
+:class:`~highdicom.sr.MeasurementsAndQualitativeEvaluations` groups) and walks the children of
+each TID 1501 "Finding" item (severity, grade, laterality, localisation, image references) that
+highdicom's qualitative-evaluation accessor does not expose.  The regions of one finding (one TID
+1410 group per point) are read back as one finding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import highdicom as hd
 import pydicom
@@ -66,8 +68,9 @@ class ReadFinding:
 
 @dataclass(frozen=True)
 class ReadGroup:
-    """One TID 1501 measurement group."""
+    """One measurement group: TID 1410 (``template == "1410"``, one localised finding) or TID 1501."""
 
+    template: str
     level: str
     tracking_identifier: str
     tracking_uid: str
@@ -121,6 +124,14 @@ def _image_ref(item: pydicom.Dataset) -> tuple[str, str, int | None]:
     return str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID), frame
 
 
+def _read_absent(level: str, item: pydicom.Dataset) -> ReadFinding:
+    finding = finding_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]))
+    evidence = [ReadEvidence(*_image_ref(c)) for c in item.get("ContentSequence", []) if c.ValueType == "IMAGE"]
+    notes = [str(c.TextValue) for c in item.get("ContentSequence", []) if c.ValueType == "TEXT"]
+    status = "LOC-NONE" if evidence else "LOC-NOIMAGE"
+    return ReadFinding(level, finding, Severity.NONE, None, None, status, (), tuple(evidence), tuple(notes))
+
+
 def _read_finding(level: str, item: pydicom.Dataset) -> ReadFinding:
     finding = finding_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0]))
     severity: Severity | None = None
@@ -161,7 +172,9 @@ def _read_finding(level: str, item: pydicom.Dataset) -> ReadFinding:
         elif vt == "TEXT":
             notes.append(str(child.TextValue))
     if severity is None:
-        raise ValueError(f"dataset: finding at {level} has no severity")
+        if finding is not FindingType.NO_ABNORMALITY:
+            raise ValueError(f"dataset: finding at {level} has no severity")
+        severity = Severity.NONE
     return ReadFinding(level, finding, severity, grade, laterality, localisation, (), tuple(evidence), tuple(notes))
 
 
@@ -212,64 +225,134 @@ def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
             demo = demo or any(getattr(c, "TextValue", "") == DEMO_TEXT for c in item.ContentSequence)
 
     groups: list[ReadGroup] = []
-    all_findings: list[ReadFinding] = []
     for group in report.get_image_measurement_groups():
-        site = group.finding_sites[0]
-        level = level_for_code(site.value)
-        findings: list[ReadFinding] = []
-        summary = ""
-        alg_name = alg_version = ""
-        params: list[str] = []
-        for item in group[0].ContentSequence:
-            if item.ValueType == "CODE" and _is(item, SpineCodes.FINDING):
-                findings.append(_read_finding(level, item))
-            elif item.ValueType == "TEXT" and _is(item, SpineCodes.COMMENT):
-                summary = str(item.TextValue)
-            elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111001"):
-                alg_name = str(item.TextValue)
-            elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111003"):
-                alg_version = str(item.TextValue)
-            elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111002"):
-                params.append(str(item.TextValue))
-        measurements = [_measurement(m) for m in group.get_measurements()]
-        assigned: list[list[Measurement]] = [[] for _ in findings]
-        for m in measurements:
-            idx = next((i for i, f in enumerate(findings) if f.finding in MEASUREMENT_FINDING[m.type]), 0)
-            if findings:
-                assigned[idx].append(m)
-        findings = [
-            ReadFinding(
-                f.level,
-                f.finding,
-                f.severity,
-                f.grade,
-                f.laterality,
-                f.localisation,
-                tuple(ms),
-                f.evidence,
-                f.notes,
-            )
-            for f, ms in zip(findings, assigned, strict=True)
-        ]
-        sources = tuple(
-            (str(s.referenced_sop_instance_uid), tuple(int(x) for x in (s.referenced_frame_numbers or ())))
-            for s in group.source_images
-        )
-        groups.append(
-            ReadGroup(
-                level=level,
-                tracking_identifier=str(group.tracking_identifier),
-                tracking_uid=str(group.tracking_uid),
-                finding_site=site.value,
-                laterality=site.laterality,
-                summary=summary,
-                source_images=sources,
-                algorithm_name=alg_name,
-                algorithm_version=alg_version,
-                algorithm_parameters=tuple(params),
-                findings=tuple(findings),
-            )
-        )
-        all_findings.extend(findings)
+        groups.append(_read_level_group(group))
+    merged: dict[tuple[str, str], int] = {}
+    for roi_group in report.get_planar_roi_measurement_groups():
+        read = _read_roi_group(roi_group)
+        key = (read.level, read.tracking_identifier.split(" region ")[0])
+        if key not in merged:
+            merged[key] = len(groups)
+            groups.append(read)
+            continue
+        first = groups[merged[key]]
+        (f0,), (f1,) = first.findings, read.findings
+        combined = replace(f0, measurements=f0.measurements + f1.measurements, evidence=f0.evidence + f1.evidence)
+        sources = first.source_images + read.source_images
+        groups[merged[key]] = replace(first, findings=(combined,), source_images=sources)
     groups.sort(key=lambda g: level_sort_key(g.level))
+    all_findings = [f for g in groups for f in g.findings]
     return ReadBack(tuple(procedures), device_uid, device_name, tuple(groups), demo, tuple(all_findings))
+
+
+def _group_text(group: hd.sr.templates.Template) -> tuple[str, str, str, tuple[str, ...]]:
+    """(comment, algorithm name, version, parameters) of a measurement group."""
+    summary = alg_name = alg_version = ""
+    params: list[str] = []
+    for item in group[0].ContentSequence:
+        if item.ValueType == "TEXT" and _is(item, SpineCodes.COMMENT):
+            summary = str(item.TextValue)
+        elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111001"):
+            alg_name = str(item.TextValue)
+        elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111003"):
+            alg_version = str(item.TextValue)
+        elif item.ValueType == "TEXT" and _key(item) == ("DCM", "111002"):
+            params.append(str(item.TextValue))
+    return summary, alg_name, alg_version, tuple(params)
+
+
+def _read_level_group(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> ReadGroup:
+    """A TID 1501 group: the level's findings without a point, and its absent conditions."""
+    site = group.finding_sites[0]
+    level = level_for_code(site.value)
+    findings: list[ReadFinding] = []
+    for item in group[0].ContentSequence:
+        if item.ValueType != "CODE":
+            continue
+        if _is(item, SpineCodes.FINDING):
+            findings.append(_read_finding(level, item))
+        elif _key(item, "ConceptCodeSequence") == (SpineCodes.ABSENT.scheme_designator, SpineCodes.ABSENT.value):
+            findings.append(_read_absent(level, item))
+    measurements = [_measurement(m) for m in group.get_measurements()]
+    assigned: list[list[Measurement]] = [[] for _ in findings]
+    for m in measurements:
+        idx = next((i for i, f in enumerate(findings) if f.finding in MEASUREMENT_FINDING[m.type]), 0)
+        if findings:
+            assigned[idx].append(m)
+    findings = [replace(f, measurements=tuple(ms)) for f, ms in zip(findings, assigned, strict=True)]
+    sources = tuple(
+        (str(s.referenced_sop_instance_uid), tuple(int(x) for x in (s.referenced_frame_numbers or ())))
+        for s in group.source_images
+    )
+    summary, alg_name, alg_version, params = _group_text(group)
+    return ReadGroup(
+        template="1501",
+        level=level,
+        tracking_identifier=str(group.tracking_identifier),
+        tracking_uid=str(group.tracking_uid),
+        finding_site=site.value,
+        laterality=site.laterality,
+        summary=summary,
+        source_images=sources,
+        algorithm_name=alg_name,
+        algorithm_version=alg_version,
+        algorithm_parameters=params,
+        findings=tuple(findings),
+    )
+
+
+def _read_roi_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> ReadGroup:
+    """A TID 1410 group: one region (point) of one localised finding."""
+    site = group.finding_sites[0]
+    level = level_for_code(site.value)
+    if group.finding_type is None:
+        raise ValueError(f"dataset: the planar ROI group at {level} has no finding")
+    finding = finding_for_code(group.finding_type)
+    severity = Severity.NONE
+    grade: int | None = None
+    for qe in group.get_qualitative_evaluations():
+        name, value = qe.name, qe.value
+        if not isinstance(value, hd.sr.CodedConcept):
+            continue
+        if name == SpineCodes.SEVERITY:
+            severity = _SEVERITY[(value.scheme_designator, value.value)]
+        elif name == SpineCodes.MEYERDING_GRADE:
+            grade = _GRADE[(value.scheme_designator, value.value)]
+    laterality: Laterality | None = None
+    if site.laterality is not None:
+        laterality = _LATERALITY[(site.laterality.scheme_designator, site.laterality.value)]
+    elif site.topographical_modifier is not None and site.topographical_modifier == SpineCodes.MIDLINE:
+        laterality = Laterality.CENTRAL
+    roi = group.roi
+    data = [float(v) for v in roi.GraphicData] if roi is not None else []
+    sources: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    if isinstance(roi, hd.sr.ImageRegion):
+        cls, uid, frame = _image_ref(roi.ContentSequence[0])
+        evidence = ReadEvidence(cls, uid, frame, point=(data[0], data[1]))
+        sources = ((uid, (frame,) if frame is not None else ()),)
+    elif isinstance(roi, hd.sr.ImageRegion3D):
+        evidence = ReadEvidence(
+            "", "", None, point_3d=(data[0], data[1], data[2]),
+            frame_of_reference_uid=str(roi.ReferencedFrameOfReferenceUID),
+        )
+    else:
+        raise ValueError(f"dataset: the planar ROI group at {level} has no image region")
+    read = ReadFinding(
+        level, finding, severity, grade, laterality, "LOC-POINT",
+        tuple(_measurement(m) for m in group.get_measurements()), (evidence,),
+    )
+    summary, alg_name, alg_version, params = _group_text(group)
+    return ReadGroup(
+        template="1410",
+        level=level,
+        tracking_identifier=str(group.tracking_identifier),
+        tracking_uid=str(group.tracking_uid),
+        finding_site=site.value,
+        laterality=site.laterality,
+        summary=summary,
+        source_images=sources,
+        algorithm_name=alg_name,
+        algorithm_version=alg_version,
+        algorithm_parameters=params,
+        findings=(read,),
+    )

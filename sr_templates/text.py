@@ -63,9 +63,14 @@ _NAMES = {
 _ROMAN = ("I", "II", "III", "IV", "V")
 
 
+def finding_name(finding: FindingType) -> str:
+    """``"disc herniation"``: the plain name of a finding type."""
+    return _NAMES[finding]
+
+
 def finding_label(f: LevelFinding) -> str:
-    """``"disc herniation, moderate, left"``: one finding, short."""
-    parts = [_NAMES[f.finding]]
+    """``"disc herniation, moderate, left"``: one finding, short (``"no vertebral fracture"`` when absent)."""
+    parts = [f"no {_NAMES[f.finding]}" if f.absent else _NAMES[f.finding]]
     if f.grade is not None:
         parts.append(f"grade {_ROMAN[f.grade - 1]}")
     if f.severity is not Severity.NONE:

@@ -45,14 +45,31 @@ def built(cases: dict[str, Case]) -> dict[str, list[pydicom.Dataset]]:
     }
 
 
-def _compare(case: Case, rb: ReadBack) -> None:
-    """Every level, finding, severity, grade, laterality, measurement, reference and coordinate."""
+def _evidence_uids(ds: pydicom.Dataset) -> set[str]:
+    return {
+        str(ref.ReferencedSOPInstanceUID)
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+
+
+def _compare(case: Case, rb: ReadBack, sr: pydicom.Dataset | None = None) -> None:
+    """Every level, finding, severity, grade, laterality, measurement, reference and coordinate.
+
+    A finding localised at a point is a TID 1410 region per point; the images it also cited
+    without a point stay in the SR's evidence (not in the region group, which has no row for them).
+    """
     levels = case.findings.levels
-    assert [g.level for g in rb.groups] == sorted(
-        {f.level for f in levels}, key=[f.level for f in levels].index
-    )
+    order = [f.level for f in levels]
+    assert sorted({g.level for g in rb.groups}, key=order.index) == sorted(set(order), key=order.index)
+    assert [g.level for g in rb.groups] == sorted((g.level for g in rb.groups), key=order.index)
     assert len(rb.findings) == len(levels)
-    for want, got in zip(levels, rb.findings, strict=True):
+
+    def key(f: object) -> tuple[int, str, str]:
+        return (order.index(f.level), f.finding.value, str(f.laterality))  # type: ignore[attr-defined]
+
+    for want, got in zip(sorted(levels, key=key), sorted(rb.findings, key=key), strict=True):
         assert got.level == want.level
         assert got.finding == want.finding
         assert got.severity == want.severity
@@ -75,6 +92,11 @@ def _compare(case: Case, rb: ReadBack) -> None:
                 expected.append(("3d", "", map_to_patient(image, e.x, e.y)))
             else:
                 expected.extend(("ref", uid, None) for uid in image.sop_instance_uids)
+        localised = not want.absent and any(kind != "ref" for kind, _, _ in expected)
+        if localised:
+            if sr is not None:
+                assert {uid for kind, uid, _ in expected if kind == "ref"} <= _evidence_uids(sr)
+            expected = [e for e in expected if e[0] != "ref"]
         assert len(got.evidence) == len(expected)
         for (kind, uid, point), ge in zip(expected, got.evidence, strict=True):
             if kind == "2d":
@@ -84,7 +106,6 @@ def _compare(case: Case, rb: ReadBack) -> None:
                 assert ge.frame_of_reference_uid
             else:
                 assert ge.sop_instance_uid == uid and ge.point is None and ge.point_3d is None
-        localised = any(e.x is not None for e in want.evidence)
         assert got.localisation == (
             "LOC-POINT" if localised else "LOC-NONE" if want.evidence else "LOC-NOIMAGE"
         )
@@ -96,7 +117,7 @@ def test_roundtrip_matches_findings(
 ) -> None:
     sr = hd.sr.srread(io.BytesIO(_bytes(built[kind][0])))
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
-    _compare(cases[kind], read_measurement_report(built[kind][0]))
+    _compare(cases[kind], read_measurement_report(built[kind][0]), built[kind][0])
 
 
 def _bytes(ds: pydicom.Dataset) -> bytes:
@@ -110,7 +131,9 @@ def test_group_structure_mr(cases: dict[str, Case], built: dict[str, list[pydico
     model = cases["mr"].findings.model
     by_level = {g.level: g for g in rb.groups}
     g = by_level["L4-L5"]
-    assert g.tracking_identifier == "L4-L5"
+    # localised at a point: a TID 1410 planar ROI of its own, named by level and finding
+    assert (g.template, g.tracking_identifier) == ("1410", "L4-L5 disc herniation")
+    assert len(g.source_images) == 1 and g.findings[0].localisation == "LOC-POINT"
     assert g.finding_site == level_code("L4-L5") and g.finding_site.value == "84020006"
     assert g.laterality == LATERALITY_CODES[cases["mr"].findings.levels[1].laterality]  # type: ignore[index]
     assert g.summary == "L4-L5: disc herniation, moderate, left, 9.5 mm"
@@ -125,6 +148,7 @@ def test_group_structure_mr(cases: dict[str, Case], built: dict[str, list[pydico
     assert rb.device_observer_name == model.name and rb.device_observer_uid
     assert by_level["L5"].summary == "L5: spondylolisthesis, grade I, mild, 18%"
     # the unlocalised L1 finding: referenced image, no coordinate, explicit status
+    assert (by_level["L1"].template, by_level["L1"].tracking_identifier) == ("1501", "L1")
     l1 = by_level["L1"].findings[0]
     assert l1.localisation == "LOC-NONE" and all(e.point is None for e in l1.evidence)
 
@@ -146,7 +170,8 @@ def test_codes_standard_and_private(built: dict[str, list[pydicom.Dataset]]) -> 
 def test_cobb_units_and_end_vertebrae(built: dict[str, list[pydicom.Dataset]]) -> None:
     sr = hd.sr.Comprehensive3DSR.from_dataset(built["xr"][0])
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
-    (group,) = [g for g in report.get_image_measurement_groups() if g.tracking_identifier == "T9"]
+    groups = [*report.get_image_measurement_groups(), *report.get_planar_roi_measurement_groups()]
+    (group,) = [g for g in groups if str(g.tracking_identifier).split(" ")[0] == "T9"]
     (cobb,) = group.get_measurements()
     assert cobb.value == pytest.approx(25.0)
     assert (cobb.unit.value, cobb.unit.scheme_designator) == ("deg", "UCUM")
@@ -283,7 +308,9 @@ def test_reformat_point_references_the_slice_it_lies_on(
     e = case.findings.levels[0].evidence[0]
     point = map_to_patient(case.findings.images[0], e.x, e.y)  # type: ignore[arg-type]
     nearest = min(case.study.instances, key=lambda i: abs(i.image_position[2] - point[2]))  # type: ignore[index]
-    assert _referenced_uids(built["ct"][0]) == {nearest.sop_instance_uid}
+    assert _evidence_uids(built["ct"][0]) == {nearest.sop_instance_uid}
+    # the region itself is a SCOORD3D in the frame of reference: no image item in the tree
+    assert _referenced_uids(built["ct"][0]) <= {nearest.sop_instance_uid}
 
 
 def test_unicode_text_survives_the_round_trip(tmp_path: Path) -> None:
@@ -300,3 +327,52 @@ def test_unicode_text_survives_the_round_trip(tmp_path: Path) -> None:
         assert back.SpecificCharacterSet == "ISO_IR 192"
         texts = " | ".join(str(e.value) for e in back.iterall() if e.VR in ("UT", "LO", "ST", "LT", "SH"))
         assert needle in texts
+
+
+def _all_codes(ds: pydicom.Dataset) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    for item in ds.get("ContentSequence", []):
+        for attr in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            for code in item.get(attr, []):
+                out.append((str(code.CodingSchemeDesignator), str(code.CodeValue), str(code.CodeMeaning)))
+        out.extend(_all_codes(item))
+    return out
+
+
+def test_an_absent_condition_is_coded_absent_not_severity_none(tmp_path: Path) -> None:
+    """"Vertebral fracture, severity none" is an assessed, absent fracture: (fracture) = Absent in the
+    level's TID 1501 group, "no vertebral fracture" in every text, no region and no key-image marker
+    even where the model gave a point; "no abnormality" carries no severity at all."""
+    case = lumbar_mr_case(tmp_path)
+    levels = list(case.findings.answer.levels)
+    point = levels[1].evidence[0]
+    levels[0] = levels[0].model_copy(update={"severity": Severity.NONE, "evidence": [point]})
+    levels.append(levels[0].model_copy(update={"level": "L2", "finding": "no_abnormality", "measurements": []}))
+    answer = case.findings.answer.model_copy(update={"levels": levels})
+    findings = case.findings.model_copy(update={"answer": answer})
+    sr, narrative, key = (_roundtrip(d) for d in build_outputs(case.study, findings, created_at=CREATED_AT))
+
+    codes_used = _all_codes(sr)
+    assert not any(meaning.lower() == "none" for _, _, meaning in codes_used), "no severity 'none' anywhere"
+    assert ("SCT", "272519000", "Absent") in codes_used
+    rb = read_measurement_report(sr)
+    l1 = next(g for g in rb.groups if g.level == "L1")
+    assert l1.template == "1501" and l1.summary == "L1: no vertebral fracture, 20%"
+    (absent,) = l1.findings
+    assert (absent.finding.value, absent.severity) == ("vertebral_fracture", Severity.NONE)
+    assert all(e.point is None for e in absent.evidence), "an absent condition has no region"
+    l2 = next(g for g in rb.groups if g.level == "L2")
+    assert l2.findings[0].finding.value == "no_abnormality" and l2.findings[0].severity is Severity.NONE
+    texts = _texts(narrative)
+    assert any("L1: no vertebral fracture" in t for t in texts)
+    assert not any("L1: vertebral fracture" in t for t in texts)
+    assert key.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _texts(ds: pydicom.Dataset) -> list[str]:
+    out: list[str] = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out.extend(_texts(item))
+    return out
