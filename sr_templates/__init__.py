@@ -9,8 +9,9 @@ from sr_templates.builder import SERIES_DESCRIPTION, OutputOptions, build_output
 from sr_templates.errors import ReportBuildError, ReportError
 from sr_templates.key_image import SpineKeyImage
 from sr_templates.measurement_report import (
-    SpineMeasurementGroup,
+    SpineLevelEvaluation,
     SpineMeasurementReport,
+    SpinePlanarROIGroup,
     algorithm_identification,
 )
 from sr_templates.narrative import SpineNarrativeReport
@@ -23,9 +24,10 @@ __all__ = [
     "ReportBuildError",
     "ReportError",
     "SpineKeyImage",
-    "SpineMeasurementGroup",
+    "SpineLevelEvaluation",
     "SpineMeasurementReport",
     "SpineNarrativeReport",
+    "SpinePlanarROIGroup",
     "algorithm_identification",
     "build_outputs",
     "read_measurement_report",

@@ -29,7 +29,7 @@ from sr_templates.errors import ReportBuildError
 from sr_templates.evidence import ResolvedEvidence, SourceIndex
 from sr_templates.key_image import SpineKeyImage, choose_key_image
 from sr_templates.measurement_report import (
-    SpineMeasurementGroup,
+    SpineLevelEvaluation,
     SpineMeasurementReport,
     SpinePlanarROIGroup,
     algorithm_identification,
@@ -211,16 +211,16 @@ def _measurement_groups(
     resolved: Sequence[Sequence[ResolvedEvidence]],
     algorithm: hd.sr.AlgorithmIdentification,
     prefix: str | None,
-) -> list[SpineMeasurementGroup | SpinePlanarROIGroup]:
-    """Per level, cranio-caudal: a TID 1410 group per point of each localised finding, then one
-    TID 1501 group with the level's other findings (not localised, or absent)."""
-    groups: list[SpineMeasurementGroup | SpinePlanarROIGroup] = []
+) -> tuple[list[SpinePlanarROIGroup], list[SpineLevelEvaluation]]:
+    """Cranio-caudal: a TID 1410 group per point of each localised finding, and an evaluation for
+    every other finding (not localised, or absent)."""
+    groups: list[SpinePlanarROIGroup] = []
+    evaluations: list[SpineLevelEvaluation] = []
     for level, fs, es in _group_by_level(levels, resolved):
         seen: dict[str, int] = {}
-        rest: list[tuple[LevelFinding, Sequence[ResolvedEvidence]]] = []
         for finding, evs in zip(fs, es, strict=True):
             if not is_localised(finding, evs):
-                rest.append((finding, evs))
+                evaluations.append(SpineLevelEvaluation(finding, evs))
                 continue
             n = seen[finding.finding] = seen.get(finding.finding, 0) + 1
             name = f"{level} {finding_name(finding.finding)}" + (f" ({n})" if n > 1 else "")
@@ -236,17 +236,7 @@ def _measurement_groups(
                         measurements=k == 0,
                     )
                 )
-        if rest:
-            groups.append(
-                SpineMeasurementGroup(
-                    level=level,
-                    findings=[f for f, _ in rest],
-                    evidence=[e for _, e in rest],
-                    tracking_uid=uids.tracking_uid(study_uid, level, prefix),
-                    algorithm=algorithm,
-                )
-            )
-    return groups
+    return groups, evaluations
 
 
 def build_outputs(
@@ -375,7 +365,7 @@ def _build(
 
     # TID 1500
     algorithm = algorithm_identification(findings.model)
-    groups = _measurement_groups(study.study_instance_uid, levels, resolved, algorithm, prefix)
+    groups, evaluations = _measurement_groups(study.study_instance_uid, levels, resolved, algorithm, prefix)
     modality = findings.images[0].modality if findings.images else (study.modalities or ("OT",))[0]
     region = spine_region([f.level for f in levels], [s.body_part_examined for s in study.series])
     procedure = procedure_code(modality, region)
@@ -383,6 +373,7 @@ def _build(
         observation_context=_observation_context(findings, options),
         procedure_reported=procedure,
         groups=groups,
+        evaluations=evaluations,
         demo=demo,
     )
     sr_kwargs: dict[str, object] = {

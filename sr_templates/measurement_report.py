@@ -35,10 +35,10 @@ group per level.  Content tree (abridged) of :class:`SpineMeasurementReport`::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import highdicom as hd
 import numpy as np
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.findings import (
@@ -48,7 +48,6 @@ from inference.findings import (
     ModelIdentity,
     is_transitional,
     level_sort_key,
-    normalise_level,
 )
 from sr_templates.codes import (
     FINDING_CODES,
@@ -64,7 +63,7 @@ from sr_templates.evidence import ResolvedEvidence
 from sr_templates.text import DEMO_TEXT, finding_summary, text_value
 
 __all__ = [
-    "SpineMeasurementGroup",
+    "SpineLevelEvaluation",
     "SpineMeasurementReport",
     "SpinePlanarROIGroup",
     "algorithm_identification",
@@ -124,50 +123,21 @@ def _measurement(m: Measurement) -> hd.sr.Measurement:
 
 
 def _evidence_items(resolved: Sequence[ResolvedEvidence]) -> list[hd.sr.ContentItem]:
+    """INFERRED FROM the evidence images (a point is never written here: points are regions), and
+    why a point the model gave could not be placed."""
     items: list[hd.sr.ContentItem] = []
     for ev in resolved:
         frames = [ev.frame_number] if ev.frame_number is not None else None
-        if ev.point is not None:
-            scoord = hd.sr.ScoordContentItem(
-                name=SpineCodes.IMAGE_REGION,
-                graphic_type=hd.sr.GraphicTypeValues.POINT,
-                graphic_data=np.array([ev.point], dtype=float),
-                relationship_type=_REL.INFERRED_FROM,
-            )
-            scoord.ContentSequence = hd.sr.ContentSequence(
-                [
-                    hd.sr.ImageContentItem(
-                        name=SpineCodes.SOURCE_IMAGE,
-                        referenced_sop_class_uid=ev.sop_class_uid,
-                        referenced_sop_instance_uid=ev.sop_instance_uids[0],
-                        referenced_frame_numbers=frames,
-                        relationship_type=_REL.SELECTED_FROM,
-                    )
-                ]
-            )
-            items.append(scoord)
-        elif ev.point_3d is not None:
-            assert ev.frame_of_reference_uid is not None
+        for uid in ev.sop_instance_uids:
             items.append(
-                hd.sr.Scoord3DContentItem(
-                    name=SpineCodes.IMAGE_REGION,
-                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                    graphic_data=np.array([ev.point_3d], dtype=float),
-                    frame_of_reference_uid=ev.frame_of_reference_uid,
+                hd.sr.ImageContentItem(
+                    name=SpineCodes.SOURCE_IMAGE,
+                    referenced_sop_class_uid=ev.sop_class_uid,
+                    referenced_sop_instance_uid=uid,
+                    referenced_frame_numbers=frames,
                     relationship_type=_REL.INFERRED_FROM,
                 )
             )
-        else:
-            for uid in ev.sop_instance_uids:
-                items.append(
-                    hd.sr.ImageContentItem(
-                        name=SpineCodes.SOURCE_IMAGE,
-                        referenced_sop_class_uid=ev.sop_class_uid,
-                        referenced_sop_instance_uid=uid,
-                        referenced_frame_numbers=frames,
-                        relationship_type=_REL.INFERRED_FROM,
-                    )
-                )
         if ev.note is not None:
             items.append(
                 hd.sr.TextContentItem(
@@ -184,19 +154,6 @@ def is_localised(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) ->
     return not finding.absent and any(ev.point is not None or ev.point_3d is not None for ev in resolved)
 
 
-def _absent_item(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -> hd.sr.QualitativeEvaluation:
-    """An assessed, absent condition: (finding concept) = Absent, with the images it was assessed on."""
-    evaluation = hd.sr.QualitativeEvaluation(name=FINDING_CODES[finding.finding], value=SpineCodes.ABSENT)
-    children = _evidence_items([_without_point(ev) for ev in resolved])
-    if children:
-        evaluation[0].ContentSequence = hd.sr.ContentSequence(children)
-    return evaluation
-
-
-def _without_point(ev: ResolvedEvidence) -> ResolvedEvidence:
-    return replace(ev, point=None, point_3d=None, frame_of_reference_uid=None)
-
-
 def _grading(finding: LevelFinding) -> list[tuple[Code, Code]]:
     """(concept, value) of the severity (when graded) and Meyerding grade of a present finding."""
     pairs: list[tuple[Code, Code]] = []
@@ -208,118 +165,96 @@ def _grading(finding: LevelFinding) -> list[tuple[Code, Code]]:
     return pairs
 
 
-def _finding_item(finding: LevelFinding, resolved: Sequence[ResolvedEvidence]) -> hd.sr.QualitativeEvaluation:
-    if finding.absent:
-        return _absent_item(finding, resolved)
-    evaluation = hd.sr.QualitativeEvaluation(name=SpineCodes.FINDING, value=FINDING_CODES[finding.finding])
-    children: list[hd.sr.ContentItem] = [
-        hd.sr.CodeContentItem(name=name, value=value, relationship_type=_REL.HAS_PROPERTIES)
-        for name, value in _grading(finding)
-    ]
-    if finding.laterality is not None:
-        central = finding.laterality.value == "central"
-        children.append(
-            hd.sr.CodeContentItem(
-                name=SpineCodes.TOPOGRAPHICAL_MODIFIER if central else SpineCodes.LATERALITY,
-                value=LATERALITY_CODES[finding.laterality],
-                relationship_type=_REL.HAS_CONCEPT_MOD,
-            )
-        )
-    if not resolved:
-        status = SpineCodes.NO_IMAGE_EVIDENCE
-    elif any(ev.localised for ev in resolved):
-        status = SpineCodes.LOCALISED_POINT
-    else:
-        status = SpineCodes.NOT_LOCALISED
-    children.append(
-        hd.sr.CodeContentItem(name=SpineCodes.LOCALISATION, value=status, relationship_type=_REL.HAS_PROPERTIES)
+def _num(m: Measurement) -> hd.sr.NumContentItem:
+    """A measurement of a finding outside a measurement group (HAS PROPERTIES of the finding)."""
+    item = hd.sr.NumContentItem(
+        name=MEASUREMENT_CODES[m.type],
+        value=float(m.value),
+        unit=unit_code(m.unit),
+        relationship_type=_REL.HAS_PROPERTIES,
     )
-    children.extend(_evidence_items(resolved))
-    evaluation[0].ContentSequence = hd.sr.ContentSequence(children)
-    return evaluation
+    if m.type is MeasurementType.COBB_ANGLE:
+        assert m.upper_end_vertebra is not None and m.lower_end_vertebra is not None
+        item.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.FindingSite(level_code(m.upper_end_vertebra), topographical_modifier=SpineCodes.SUPERIOR),
+                hd.sr.FindingSite(level_code(m.lower_end_vertebra), topographical_modifier=SpineCodes.INFERIOR),
+            ]
+        )
+    return item
 
 
-class SpineMeasurementGroup(hd.sr.MeasurementsAndQualitativeEvaluations):
-    """TID 1501 Measurement and Qualitative Evaluation Group for the findings at one level.
+class SpineLevelEvaluation(hd.sr.CodeContentItem):
+    """A finding at a level that has no region: a qualitative evaluation of the TID 1500 report.
+
+    ``(121071, DCM, "Finding") = <finding>`` for a present finding the model did not localise at a
+    point (it cited an image, or none), or ``<finding> = (272519000, SCT, "Absent")`` for a condition
+    assessed and absent.  Children: the Finding Site (the level, with laterality), severity and
+    Meyerding grade, the localisation status, the finding's measurements, the images it was read
+    from (INFERRED FROM) and a one-line comment.
+
+    TID 1501 groups would carry these in "Imaging Measurements"; stock OHIF (3.13.2, 3.14.0-beta.6)
+    fails on any measurement group without spatial coordinates ("Cannot read properties of undefined
+    (reading 'ReferencedSOPSequence')" in ``_checkIfCanAddMeasurementsToDisplaySet``, the whole viewer
+    route replaced by "Something went wrong"), so they go to TID 1500's "Qualitative Evaluations"
+    container, which viewers that draw regions leave alone.
 
     Parameters
     ----------
-    level
-        Vertebra (``"L5"``) or motion segment (``"L4-L5"``); normalised.
-    findings
-        The :class:`~inference.findings.LevelFinding` objects at ``level`` (at least one).
+    finding
+        The :class:`~inference.findings.LevelFinding`.
     evidence
-        For each finding, its resolved evidence (same order as ``findings``).
-    tracking_uid
-        Tracking Unique Identifier of the group.
-    algorithm
-        TID 4019 identification of the algorithm that produced the findings.
+        Its resolved evidence (image references; points the resolver could not map carry a note).
 
     Raises
     ------
     TypeError
         An argument has the wrong type.
     ValueError
-        ``findings`` is empty, a finding is at another level, or ``evidence`` does not match.
+        The finding is present and localised at a point (it belongs in a :class:`SpinePlanarROIGroup`).
     """
 
-    def __init__(
-        self,
-        level: str,
-        findings: Sequence[LevelFinding],
-        evidence: Sequence[Sequence[ResolvedEvidence]],
-        tracking_uid: str,
-        algorithm: hd.sr.AlgorithmIdentification,
-    ) -> None:
-        if not isinstance(level, str):
-            raise TypeError(f"level: expected str, got {type(level).__name__}")
-        level = normalise_level(level)
-        if isinstance(findings, LevelFinding) or not isinstance(findings, Sequence):
-            raise TypeError("findings: expected a sequence of LevelFinding")
-        if not findings:
-            raise ValueError("findings: a measurement group needs at least one finding")
-        for f in findings:
-            if not isinstance(f, LevelFinding):
-                raise TypeError(f"findings: expected LevelFinding items, got {type(f).__name__}")
-            if f.level != level:
-                raise ValueError(f"findings: a finding at {f.level} is not at level {level}")
-        if not isinstance(evidence, Sequence) or len(evidence) != len(findings):
-            raise ValueError("evidence: give one sequence of resolved evidence per finding")
-        for ev_list in evidence:
-            if any(not isinstance(ev, ResolvedEvidence) for ev in ev_list):
-                raise TypeError("evidence: expected ResolvedEvidence items")
-        if not isinstance(tracking_uid, str) or not tracking_uid:
-            raise TypeError("tracking_uid: expected a non-empty str")
-        if not isinstance(algorithm, hd.sr.AlgorithmIdentification):
-            raise TypeError(f"algorithm: expected AlgorithmIdentification, got {type(algorithm).__name__}")
-
-        measurements = [_measurement(m) for f in findings for m in f.measurements]
-        qualitative = [_finding_item(f, ev) for f, ev in zip(findings, evidence, strict=True)]
-        sources: list[hd.sr.SourceImageForMeasurementGroup] = []
-        seen: set[tuple[str, int | None]] = set()
-        for ev_list in evidence:
-            for ev in ev_list:
-                for uid in ev.sop_instance_uids:
-                    if (uid, ev.frame_number) in seen:
-                        continue
-                    seen.add((uid, ev.frame_number))
-                    sources.append(
-                        hd.sr.SourceImageForMeasurementGroup(
-                            referenced_sop_class_uid=ev.sop_class_uid,
-                            referenced_sop_instance_uid=uid,
-                            referenced_frame_numbers=[ev.frame_number] if ev.frame_number is not None else None,
-                        )
-                    )
-        super().__init__(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=level),
-            algorithm_id=algorithm,
-            finding_sites=[_finding_site(level, findings)],
-            measurements=measurements or None,
-            qualitative_evaluations=qualitative,
-            source_images=sources or None,
+    def __init__(self, finding: LevelFinding, evidence: Sequence[ResolvedEvidence]) -> None:
+        if not isinstance(finding, LevelFinding):
+            raise TypeError(f"finding: expected LevelFinding, got {type(finding).__name__}")
+        if isinstance(evidence, ResolvedEvidence) or not isinstance(evidence, Sequence):
+            raise TypeError("evidence: expected a sequence of ResolvedEvidence")
+        if any(not isinstance(ev, ResolvedEvidence) for ev in evidence):
+            raise TypeError("evidence: expected ResolvedEvidence items")
+        if is_localised(finding, evidence):
+            raise ValueError("evidence: a finding localised at a point is a planar ROI group, not an evaluation")
+        if finding.absent:
+            super().__init__(
+                name=FINDING_CODES[finding.finding], value=SpineCodes.ABSENT, relationship_type=_REL.CONTAINS
+            )
+        else:
+            super().__init__(
+                name=SpineCodes.FINDING, value=FINDING_CODES[finding.finding], relationship_type=_REL.CONTAINS
+            )
+        children: list[hd.sr.ContentItem] = [_finding_site(finding.level, [finding])]
+        children += [
+            hd.sr.CodeContentItem(name=name, value=value, relationship_type=_REL.HAS_PROPERTIES)
+            for name, value in _grading(finding)
+        ]
+        if not finding.absent:
+            status = SpineCodes.NOT_LOCALISED if evidence else SpineCodes.NO_IMAGE_EVIDENCE
+            children.append(
+                hd.sr.CodeContentItem(
+                    name=SpineCodes.LOCALISATION, value=status, relationship_type=_REL.HAS_PROPERTIES
+                )
+            )
+        children += [_num(m) for m in finding.measurements]
+        children += _evidence_items(evidence)
+        summary = finding_summary(finding.level, [finding])
+        if is_transitional(finding.level):
+            summary += " (transitional anatomy)"
+        children.append(
+            hd.sr.TextContentItem(
+                name=SpineCodes.COMMENT, value=text_value(summary), relationship_type=_REL.HAS_PROPERTIES
+            )
         )
-        self.level = level
-        _append_comment(self, finding_summary(level, findings), level)
+        self.ContentSequence = hd.sr.ContentSequence(children)
+        self.level = finding.level
 
 
 def _append_comment(group: hd.sr.templates.Template, summary: str, level: str) -> None:
@@ -430,7 +365,9 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
     procedure_reported
         The imaging procedure the findings are about.
     groups
-        One :class:`SpineMeasurementGroup` per level, in cranio-caudal order.
+        One :class:`SpinePlanarROIGroup` per region of each localised finding, cranio-caudal.
+    evaluations
+        One :class:`SpineLevelEvaluation` per finding without a region, cranio-caudal.
     demo
         True when the findings come from the demo model: adds a "not for diagnostic use" statement.
 
@@ -439,14 +376,16 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
     TypeError
         An argument has the wrong type.
     ValueError
-        Two groups report the same level.
+        Groups or evaluations out of cranio-caudal order, two groups with one tracking UID, or
+        nothing to report.
     """
 
     def __init__(
         self,
         observation_context: hd.sr.ObservationContext,
         procedure_reported: Code,
-        groups: Sequence[SpineMeasurementGroup | SpinePlanarROIGroup],
+        groups: Sequence[SpinePlanarROIGroup],
+        evaluations: Sequence[SpineLevelEvaluation] = (),
         *,
         demo: bool = False,
     ) -> None:
@@ -456,33 +395,46 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
             )
         if not isinstance(procedure_reported, Code | hd.sr.CodedConcept):
             raise TypeError(f"procedure_reported: expected a Code, got {type(procedure_reported).__name__}")
-        if not isinstance(groups, Sequence) or any(
-            not isinstance(g, SpineMeasurementGroup | SpinePlanarROIGroup) for g in groups
-        ):
-            raise TypeError("groups: expected a sequence of SpineMeasurementGroup or SpinePlanarROIGroup")
+        if not isinstance(groups, Sequence) or any(not isinstance(g, SpinePlanarROIGroup) for g in groups):
+            raise TypeError("groups: expected a sequence of SpinePlanarROIGroup")
+        if not isinstance(evaluations, Sequence) or any(not isinstance(e, SpineLevelEvaluation) for e in evaluations):
+            raise TypeError("evaluations: expected a sequence of SpineLevelEvaluation")
         if not isinstance(demo, bool):
             raise TypeError(f"demo: expected bool, got {type(demo).__name__}")
-        levels = [g.level for g in groups if isinstance(g, SpineMeasurementGroup)]
-        if len(set(levels)) != len(levels):
-            raise ValueError("groups: each level must have one TID 1501 group only")
-        all_levels = [g.level for g in groups]
-        if all_levels != sorted(all_levels, key=level_sort_key):
-            raise ValueError("groups: must be in cranio-caudal order")
+        if not groups and not evaluations:
+            raise ValueError("groups: a report needs at least one group or evaluation")
+        for name, seq in (("groups", groups), ("evaluations", evaluations)):
+            order = [x.level for x in seq]
+            if order != sorted(order, key=level_sort_key):
+                raise ValueError(f"{name}: must be in cranio-caudal order")
         uids = [_tracking_uid(g) for g in groups]
         if len(set(uids)) != len(uids):
             raise ValueError("groups: two groups share a tracking UID")
+        # highdicom builds TID 1500 only with Imaging Measurements (row 8); TID 1500 needs one of rows 8,
+        # 10, 12. A report whose findings are all without a region is rows 1-6 and 12: build it with a
+        # placeholder group and take the Imaging Measurements container out again.
+        placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid="2.25.0", identifier="placeholder")
+        )
         super().__init__(
             observation_context=observation_context,
             procedure_reported=procedure_reported,
-            imaging_measurements=list(groups),
+            imaging_measurements=list(groups) or [placeholder],
         )
-        if demo:
+        if not groups:
+            content = self[0].ContentSequence
+            assert content[-1].ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
+            del content[-1]
+        if evaluations or demo:
             container = hd.sr.ContainerContentItem(
                 name=SpineCodes.QUALITATIVE_EVALUATIONS, relationship_type=_REL.CONTAINS
             )
-            container.ContentSequence = hd.sr.ContentSequence(
-                [hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS)]
-            )
+            items: list[hd.sr.ContentItem] = list(evaluations)
+            if demo:
+                items.append(
+                    hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS)
+                )
+            container.ContentSequence = hd.sr.ContentSequence(items)
             self[0].ContentSequence.append(container)
 
 

@@ -27,7 +27,6 @@ from inference.findings import (
 from sr_templates.codes import (
     LATERALITY_CODES,
     MEASUREMENT_CODES,
-    MEASUREMENT_FINDING,
     MEYERDING_GRADE_CODES,
     SEVERITY_CODES,
     SpineCodes,
@@ -64,11 +63,12 @@ class ReadFinding:
     measurements: tuple[Measurement, ...]
     evidence: tuple[ReadEvidence, ...]
     notes: tuple[str, ...] = ()
+    summary: str = ""
 
 
 @dataclass(frozen=True)
 class ReadGroup:
-    """One measurement group: TID 1410 (``template == "1410"``, one localised finding) or TID 1501."""
+    """One TID 1410 planar ROI group: one region of one localised finding."""
 
     template: str
     level: str
@@ -124,58 +124,76 @@ def _image_ref(item: pydicom.Dataset) -> tuple[str, str, int | None]:
     return str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID), frame
 
 
-def _read_absent(level: str, item: pydicom.Dataset) -> ReadFinding:
-    finding = finding_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]))
-    evidence = [ReadEvidence(*_image_ref(c)) for c in item.get("ContentSequence", []) if c.ValueType == "IMAGE"]
-    notes = [str(c.TextValue) for c in item.get("ContentSequence", []) if c.ValueType == "TEXT"]
-    status = "LOC-NONE" if evidence else "LOC-NOIMAGE"
-    return ReadFinding(level, finding, Severity.NONE, None, None, status, (), tuple(evidence), tuple(notes))
-
-
-def _read_finding(level: str, item: pydicom.Dataset) -> ReadFinding:
-    finding = finding_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0]))
-    severity: Severity | None = None
+def _read_evaluation(item: pydicom.Dataset) -> ReadFinding:
+    """A finding without a region, from TID 1500's Qualitative Evaluations container."""
+    absent = item.ValueType == "CODE" and _key(item, "ConceptCodeSequence") == (
+        SpineCodes.ABSENT.scheme_designator,
+        SpineCodes.ABSENT.value,
+    )
+    concept = item.ConceptNameCodeSequence[0] if absent else item.ConceptCodeSequence[0]
+    finding = finding_for_code(hd.sr.CodedConcept.from_dataset(concept))
+    level = ""
+    severity = Severity.NONE
     grade: int | None = None
     laterality: Laterality | None = None
     localisation = ""
+    summary = ""
+    measurements: list[Measurement] = []
     evidence: list[ReadEvidence] = []
     notes: list[str] = []
     for child in item.get("ContentSequence", []):
         vt = child.ValueType
-        if vt == "CODE" and _is(child, SpineCodes.SEVERITY):
+        if vt == "CODE" and _is(child, SpineCodes.FINDING_SITE):
+            site = hd.sr.FindingSite.from_dataset(child)
+            level = level_for_code(site.value)
+            laterality = _laterality(site)
+        elif vt == "CODE" and _is(child, SpineCodes.SEVERITY):
             severity = _SEVERITY[_key(child, "ConceptCodeSequence")]
         elif vt == "CODE" and _is(child, SpineCodes.MEYERDING_GRADE):
             grade = _GRADE[_key(child, "ConceptCodeSequence")]
-        elif vt == "CODE" and (_is(child, SpineCodes.LATERALITY) or _is(child, SpineCodes.TOPOGRAPHICAL_MODIFIER)):
-            laterality = _LATERALITY[_key(child, "ConceptCodeSequence")]
         elif vt == "CODE" and _is(child, SpineCodes.LOCALISATION):
             localisation = str(child.ConceptCodeSequence[0].CodeValue)
-        elif vt == "SCOORD":
-            img = child.ContentSequence[0]
-            cls, uid, frame = _image_ref(img)
-            data = [float(v) for v in child.GraphicData]
-            evidence.append(ReadEvidence(cls, uid, frame, point=(data[0], data[1])))
-        elif vt == "SCOORD3D":
-            data = [float(v) for v in child.GraphicData]
-            evidence.append(
-                ReadEvidence(
-                    "",
-                    "",
-                    None,
-                    point_3d=(data[0], data[1], data[2]),
-                    frame_of_reference_uid=str(child.ReferencedFrameOfReferenceUID),
-                )
-            )
+        elif vt == "NUM":
+            measurements.append(_num(child))
         elif vt == "IMAGE":
-            cls, uid, frame = _image_ref(child)
-            evidence.append(ReadEvidence(cls, uid, frame))
-        elif vt == "TEXT":
+            evidence.append(ReadEvidence(*_image_ref(child)))
+        elif vt == "TEXT" and str(child.TextValue).startswith("Not localised: "):
             notes.append(str(child.TextValue))
-    if severity is None:
-        if finding is not FindingType.NO_ABNORMALITY:
-            raise ValueError(f"dataset: finding at {level} has no severity")
-        severity = Severity.NONE
-    return ReadFinding(level, finding, severity, grade, laterality, localisation, (), tuple(evidence), tuple(notes))
+        elif vt == "TEXT":
+            summary = str(child.TextValue)
+    if not level:
+        raise ValueError("dataset: a qualitative evaluation without finding site")
+    if absent:
+        localisation = "LOC-NONE" if evidence else "LOC-NOIMAGE"
+    elif severity is Severity.NONE and finding is not FindingType.NO_ABNORMALITY:
+        raise ValueError(f"dataset: finding at {level} has no severity")
+    return ReadFinding(
+        level, finding, severity, grade, laterality, localisation, tuple(measurements), tuple(evidence),
+        tuple(notes), summary,
+    )
+
+
+def _laterality(site: hd.sr.FindingSite) -> Laterality | None:
+    if site.laterality is not None:
+        return _LATERALITY[(site.laterality.scheme_designator, site.laterality.value)]
+    if site.topographical_modifier is not None and site.topographical_modifier == SpineCodes.MIDLINE:
+        return Laterality.CENTRAL
+    return None
+
+
+def _num(item: pydicom.Dataset) -> Measurement:
+    mtype = _MEASUREMENT[_key(item)]
+    value = float(item.MeasuredValueSequence[0].NumericValue)
+    upper = lower = None
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "CODE" and _is(child, SpineCodes.FINDING_SITE):
+            site = hd.sr.FindingSite.from_dataset(child)
+            mod = site.topographical_modifier
+            if mod is not None and mod == SpineCodes.SUPERIOR:
+                upper = level_for_code(site.value)
+            elif mod is not None and mod == SpineCodes.INFERIOR:
+                lower = level_for_code(site.value)
+    return Measurement(type=mtype, value=value, upper_end_vertebra=upper, lower_end_vertebra=lower)
 
 
 def _measurement(m: hd.sr.Measurement) -> Measurement:
@@ -218,15 +236,15 @@ def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
             device_name = str(attrs.name or "")
     procedures: list[hd.sr.CodedConcept] = []
     demo = False
+    evaluations: list[pydicom.Dataset] = []
     for item in sr.content[0].ContentSequence:
         if item.ValueType == "CODE" and _key(item) == ("DCM", "121058"):
             procedures.append(hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0]))
         if item.ValueType == "CONTAINER" and _is(item, SpineCodes.QUALITATIVE_EVALUATIONS):
             demo = demo or any(getattr(c, "TextValue", "") == DEMO_TEXT for c in item.ContentSequence)
+            evaluations.extend(c for c in item.ContentSequence if c.ValueType == "CODE")
 
     groups: list[ReadGroup] = []
-    for group in report.get_image_measurement_groups():
-        groups.append(_read_level_group(group))
     merged: dict[tuple[str, str], int] = {}
     for roi_group in report.get_planar_roi_measurement_groups():
         read = _read_roi_group(roi_group)
@@ -240,8 +258,9 @@ def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
         combined = replace(f0, measurements=f0.measurements + f1.measurements, evidence=f0.evidence + f1.evidence)
         sources = first.source_images + read.source_images
         groups[merged[key]] = replace(first, findings=(combined,), source_images=sources)
+    evaluated = [_read_evaluation(item) for item in evaluations]
     groups.sort(key=lambda g: level_sort_key(g.level))
-    all_findings = [f for g in groups for f in g.findings]
+    all_findings = sorted([*(f for g in groups for f in g.findings), *evaluated], key=lambda f: level_sort_key(f.level))
     return ReadBack(tuple(procedures), device_uid, device_name, tuple(groups), demo, tuple(all_findings))
 
 
@@ -261,46 +280,6 @@ def _group_text(group: hd.sr.templates.Template) -> tuple[str, str, str, tuple[s
     return summary, alg_name, alg_version, tuple(params)
 
 
-def _read_level_group(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> ReadGroup:
-    """A TID 1501 group: the level's findings without a point, and its absent conditions."""
-    site = group.finding_sites[0]
-    level = level_for_code(site.value)
-    findings: list[ReadFinding] = []
-    for item in group[0].ContentSequence:
-        if item.ValueType != "CODE":
-            continue
-        if _is(item, SpineCodes.FINDING):
-            findings.append(_read_finding(level, item))
-        elif _key(item, "ConceptCodeSequence") == (SpineCodes.ABSENT.scheme_designator, SpineCodes.ABSENT.value):
-            findings.append(_read_absent(level, item))
-    measurements = [_measurement(m) for m in group.get_measurements()]
-    assigned: list[list[Measurement]] = [[] for _ in findings]
-    for m in measurements:
-        idx = next((i for i, f in enumerate(findings) if f.finding in MEASUREMENT_FINDING[m.type]), 0)
-        if findings:
-            assigned[idx].append(m)
-    findings = [replace(f, measurements=tuple(ms)) for f, ms in zip(findings, assigned, strict=True)]
-    sources = tuple(
-        (str(s.referenced_sop_instance_uid), tuple(int(x) for x in (s.referenced_frame_numbers or ())))
-        for s in group.source_images
-    )
-    summary, alg_name, alg_version, params = _group_text(group)
-    return ReadGroup(
-        template="1501",
-        level=level,
-        tracking_identifier=str(group.tracking_identifier),
-        tracking_uid=str(group.tracking_uid),
-        finding_site=site.value,
-        laterality=site.laterality,
-        summary=summary,
-        source_images=sources,
-        algorithm_name=alg_name,
-        algorithm_version=alg_version,
-        algorithm_parameters=params,
-        findings=tuple(findings),
-    )
-
-
 def _read_roi_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> ReadGroup:
     """A TID 1410 group: one region (point) of one localised finding."""
     site = group.finding_sites[0]
@@ -318,11 +297,7 @@ def _read_roi_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
             severity = _SEVERITY[(value.scheme_designator, value.value)]
         elif name == SpineCodes.MEYERDING_GRADE:
             grade = _GRADE[(value.scheme_designator, value.value)]
-    laterality: Laterality | None = None
-    if site.laterality is not None:
-        laterality = _LATERALITY[(site.laterality.scheme_designator, site.laterality.value)]
-    elif site.topographical_modifier is not None and site.topographical_modifier == SpineCodes.MIDLINE:
-        laterality = Laterality.CENTRAL
+    laterality = _laterality(site)
     roi = group.roi
     data = [float(v) for v in roi.GraphicData] if roi is not None else []
     sources: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -337,11 +312,11 @@ def _read_roi_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
         )
     else:
         raise ValueError(f"dataset: the planar ROI group at {level} has no image region")
+    summary, alg_name, alg_version, params = _group_text(group)
     read = ReadFinding(
         level, finding, severity, grade, laterality, "LOC-POINT",
-        tuple(_measurement(m) for m in group.get_measurements()), (evidence,),
+        tuple(_measurement(m) for m in group.get_measurements()), (evidence,), (), summary,
     )
-    summary, alg_name, alg_version, params = _group_text(group)
     return ReadGroup(
         template="1410",
         level=level,

@@ -18,8 +18,9 @@ import sr_templates
 from inference.findings import Severity
 from sr_templates import (
     OutputOptions,
-    SpineMeasurementGroup,
+    SpineLevelEvaluation,
     SpineNarrativeReport,
+    SpinePlanarROIGroup,
     build_outputs,
     read_measurement_report,
 )
@@ -186,9 +187,9 @@ def test_revision_references_predecessor(mr: Case, mr_outputs: list[pydicom.Data
         assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in refs] == [
             (old.SOPClassUID, old.SOPInstanceUID)
         ]
-    old_groups = {g.level: g.tracking_uid for g in read_measurement_report(mr_outputs[0]).groups}
-    new_groups = {g.level: g.tracking_uid for g in read_measurement_report(rev2[0]).groups}
-    assert old_groups == new_groups  # the same levels are tracked across revisions
+    old_groups = {g.tracking_identifier: g.tracking_uid for g in read_measurement_report(mr_outputs[0]).groups}
+    new_groups = {g.tracking_identifier: g.tracking_uid for g in read_measurement_report(rev2[0]).groups}
+    assert old_groups and old_groups == new_groups  # the same regions are tracked across revisions
 
 
 # ----------------------------------------------------------------------------------- demo
@@ -303,20 +304,28 @@ def test_template_validation(mr: Case) -> None:
 
     alg = algorithm_identification(mr.findings.model)
     herniation = mr.findings.levels[1]
-    with pytest.raises(ValueError, match=r"^findings:"):
-        SpineMeasurementGroup("L4-L5", [], [], "1.2.3", alg)
-    with pytest.raises(TypeError, match=r"^findings:"):
-        SpineMeasurementGroup("L4-L5", herniation, [[]], "1.2.3", alg)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^findings:"):
-        SpineMeasurementGroup("L5", [herniation], [[]], "1.2.3", alg)
+    from sr_templates.evidence import SourceIndex
+
+    index = SourceIndex(mr.study, mr.findings)
+    point = index.resolve(herniation.evidence[0])
+    fracture = mr.findings.levels[0]
+    image_only = index.resolve(fracture.evidence[0])
+    with pytest.raises(TypeError, match=r"^finding:"):
+        SpinePlanarROIGroup("L4-L5", point, "1.2.3", "L4-L5 x", alg)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^evidence:"):
-        SpineMeasurementGroup("L4-L5", [herniation], [], "1.2.3", alg)
+        SpinePlanarROIGroup(herniation, image_only, "1.2.3", "L4-L5 x", alg)
+    with pytest.raises(ValueError, match=r"^finding:"):
+        SpinePlanarROIGroup(herniation.model_copy(update={"severity": Severity.NONE}), point, "1.2.3", "x", alg)
     with pytest.raises(TypeError, match=r"^tracking_uid:"):
-        SpineMeasurementGroup("L4-L5", [herniation], [[]], None, alg)  # type: ignore[arg-type]
+        SpinePlanarROIGroup(herniation, point, None, "L4-L5 x", alg)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^algorithm:"):
-        SpineMeasurementGroup("L4-L5", [herniation], [[]], "1.2.3", "SpineGPT")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"^level:"):
-        SpineMeasurementGroup(5, [herniation], [[]], "1.2.3", alg)  # type: ignore[arg-type]
+        SpinePlanarROIGroup(herniation, point, "1.2.3", "L4-L5 x", "SpineGPT")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^evidence:"):
+        SpineLevelEvaluation(herniation, [point])  # localised: a region, not an evaluation
+    with pytest.raises(TypeError, match=r"^evidence:"):
+        SpineLevelEvaluation(fracture, image_only)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^finding:"):
+        SpineLevelEvaluation("L1", [image_only])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^model:"):
         algorithm_identification("SpineGPT")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^report:"):
@@ -325,17 +334,27 @@ def test_template_validation(mr: Case) -> None:
         SpineNarrativeReport(mr.findings.answer.report, None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^region:"):
         procedure_code("MR", "sacral")
-    g1 = SpineMeasurementGroup("L4-L5", [herniation], [[]], "1.2.3", alg)
-    g0 = SpineMeasurementGroup("L1", [mr.findings.levels[0]], [[]], "1.2.4", alg)
+    g1 = SpinePlanarROIGroup(herniation, point, "1.2.3", "L4-L5 disc herniation", alg)
+    g0 = SpinePlanarROIGroup(mr.findings.levels[2], index.resolve(mr.findings.levels[2].evidence[0]), "1.2.4",
+                             "L5 spondylolisthesis", alg)
+    e0 = SpineLevelEvaluation(fracture, [image_only])
     from sr_templates.builder import _observation_context
 
     ctx = _observation_context(mr.findings, OutputOptions())
     with pytest.raises(ValueError, match=r"^groups:"):
-        sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [g1, g0])
+        sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [g0, g1])
     with pytest.raises(ValueError, match=r"^groups:"):
         sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [g1, g1])
+    with pytest.raises(ValueError, match=r"^groups:"):
+        sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [])
+    with pytest.raises(TypeError, match=r"^evaluations:"):
+        sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [g1], [g0])  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"^procedure_reported:"):
-        sr_templates.SpineMeasurementReport(ctx, "MR", [g0, g1])  # type: ignore[arg-type]
+        sr_templates.SpineMeasurementReport(ctx, "MR", [g1, g0])  # type: ignore[arg-type]
+    # no region at all: TID 1500 rows 1-6 and 12 only (no empty Imaging Measurements container)
+    only = sr_templates.SpineMeasurementReport(ctx, procedure_code("MR", "lumbar"), [], [e0])
+    names = [i.ConceptNameCodeSequence[0].CodeValue for i in only[0].ContentSequence]
+    assert "126010" not in names and "C0034375" in names
 
 
 def test_a_refusal_while_building_is_a_report_build_error(mr: Case) -> None:

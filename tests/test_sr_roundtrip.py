@@ -62,7 +62,7 @@ def _compare(case: Case, rb: ReadBack, sr: pydicom.Dataset | None = None) -> Non
     """
     levels = case.findings.levels
     order = [f.level for f in levels]
-    assert sorted({g.level for g in rb.groups}, key=order.index) == sorted(set(order), key=order.index)
+    assert [f.level for f in rb.findings] == sorted(order, key=order.index)
     assert [g.level for g in rb.groups] == sorted((g.level for g in rb.groups), key=order.index)
     assert len(rb.findings) == len(levels)
 
@@ -147,19 +147,21 @@ def test_group_structure_mr(cases: dict[str, Case], built: dict[str, list[pydico
     assert rb.procedure_reported[0].meaning == "MRI of lumbar spine"
     assert rb.device_observer_name == model.name and rb.device_observer_uid
     assert by_level["L5"].summary == "L5: spondylolisthesis, grade I, mild, 18%"
+    assert all(g.template == "1410" for g in rb.groups)
     # the unlocalised L1 finding: referenced image, no coordinate, explicit status
-    assert (by_level["L1"].template, by_level["L1"].tracking_identifier) == ("1501", "L1")
-    l1 = by_level["L1"].findings[0]
+    assert "L1" not in by_level  # not localised: a qualitative evaluation of the report, not a region
+    l1 = rb.findings[0]
+    assert l1.level == "L1" and l1.summary == "L1: vertebral fracture, mild, 20%"
     assert l1.localisation == "LOC-NONE" and all(e.point is None for e in l1.evidence)
 
 
 def test_codes_standard_and_private(built: dict[str, list[pydicom.Dataset]]) -> None:
     xr = read_measurement_report(built["xr"][0])
-    t13 = next(g for g in xr.groups if g.level == "T13")
-    assert t13.finding_site.scheme_designator == SCHEME_DESIGNATOR  # transitional: private code
+    t13 = next(f for f in xr.findings if f.level == "T13")
+    assert level_code("T13").scheme_designator == SCHEME_DESIGNATOR  # transitional: private code
     assert "transitional" in t13.summary
-    assert t13.findings[0].finding.value == "no_abnormality"
-    assert FINDING_CODES[t13.findings[0].finding].scheme_designator == "DCM"
+    assert t13.finding.value == "no_abnormality"
+    assert FINDING_CODES[t13.finding].scheme_designator == "DCM"
     assert SEVERITY_CODES[Severity.MODERATE].scheme_designator == "SCT"
     assert MEASUREMENT_CODES[xr.findings[0].measurements[0].type].value == "285285000"  # Cobb angle
     for ds in built["xr"][:2]:
@@ -356,13 +358,13 @@ def test_an_absent_condition_is_coded_absent_not_severity_none(tmp_path: Path) -
     assert not any(meaning.lower() == "none" for _, _, meaning in codes_used), "no severity 'none' anywhere"
     assert ("SCT", "272519000", "Absent") in codes_used
     rb = read_measurement_report(sr)
-    l1 = next(g for g in rb.groups if g.level == "L1")
-    assert l1.template == "1501" and l1.summary == "L1: no vertebral fracture, 20%"
-    (absent,) = l1.findings
+    assert not any(g.level == "L1" for g in rb.groups), "an absent condition has no region"
+    (absent,) = [f for f in rb.findings if f.level == "L1"]
+    assert absent.summary == "L1: no vertebral fracture, 20%"
     assert (absent.finding.value, absent.severity) == ("vertebral_fracture", Severity.NONE)
     assert all(e.point is None for e in absent.evidence), "an absent condition has no region"
-    l2 = next(g for g in rb.groups if g.level == "L2")
-    assert l2.findings[0].finding.value == "no_abnormality" and l2.findings[0].severity is Severity.NONE
+    (l2,) = [f for f in rb.findings if f.level == "L2"]
+    assert l2.finding.value == "no_abnormality" and l2.severity is Severity.NONE
     texts = _texts(narrative)
     assert any("L1: no vertebral fracture" in t for t in texts)
     assert not any("L1: vertebral fracture" in t for t in texts)
