@@ -3,10 +3,11 @@
 Pure functions on Orthanc's *main DICOM tags* (what ``/studies/{id}/series`` returns), standard library
 only, so the loop guard is unit-tested without Orthanc and runs inside Orthanc's interpreter.
 
-Our result objects are written by ``sr_templates`` in two series, one modality each: the measurement and
-narrative SRs ("SpineMed AI results", ``output.series_number``) and the key image ("SpineMed AI key
-images", the next series number); both have Manufacturer ``SpineMed`` and a Series Description starting
-``SpineMed AI``.  A series is ours when its Manufacturer is exactly ours *and* its
+Our result objects are written by ``sr_templates`` in up to four series, one modality each: the
+measurement and narrative SRs ("SpineMed AI results", ``output.series_number``), the key image ("SpineMed
+AI key images", the next number), its key object selection ("SpineMed AI key image note", +2) and the
+PDF report ("SpineMed AI report (PDF)", +3); all have Manufacturer ``SpineMed`` and a Series Description
+starting ``SpineMed AI``.  A series is ours when its Manufacturer is exactly ours *and* its
 description or number is ours: the synthetic phantoms ("SpineMed Phantom") and a site whose modality
 happens to use series number 9901 are not.  The node's job store (the SOP Instance UIDs it wrote) is a
 second, independent guard applied by the bridge.
@@ -32,8 +33,8 @@ class OwnMarkers:
     series_description_prefix
         Series Description (0008,103E) prefix of our objects.
     series_number
-        Series Number (0020,0011) of our SR series (``output.series_number``); the key image series has
-        the next number.
+        Series Number (0020,0011) of our SR series (``output.series_number``); the key image, key object
+        and PDF series have the next three numbers.
     """
 
     manufacturer: str = "SpineMed"
@@ -102,7 +103,8 @@ def is_own_series(tags: Mapping[str, object], markers: OwnMarkers) -> bool:
     number = _tag(tags, "SeriesNumber")
     if markers.series_number is None or not number.lstrip("+").isdigit():
         return False
-    return int(number) in (markers.series_number, markers.series_number + 1)
+    # SRs n, key image n+1, key object selection n+2, PDF n+3 (sr_templates.uids.SERIES_KINDS)
+    return markers.series_number <= int(number) <= markers.series_number + 3
 
 
 def is_candidate_series(

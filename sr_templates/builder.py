@@ -28,6 +28,7 @@ from sr_templates.codes import SpineCodes, coding_scheme_identification, procedu
 from sr_templates.errors import ReportBuildError
 from sr_templates.evidence import ResolvedEvidence, SourceIndex
 from sr_templates.key_image import SpineKeyImage, choose_key_image
+from sr_templates.key_object import SpineKeyObjectSelection
 from sr_templates.measurement_report import (
     SpineLevelEvaluation,
     SpineMeasurementReport,
@@ -42,6 +43,7 @@ __all__ = ["SERIES_DESCRIPTION", "OutputOptions", "build_outputs"]
 
 SERIES_DESCRIPTION = "SpineMed AI results"
 KEY_IMAGE_SERIES_DESCRIPTION = "SpineMed AI key images"
+KEY_OBJECT_SERIES_DESCRIPTION = "SpineMed AI key image note"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 _LO = 64  # VR LO maximum length
@@ -80,8 +82,8 @@ class OutputOptions:
     software_version: str = field(default_factory=_package_version)
     institution_name: str | None = None
     institution_department_name: str | None = None
-    series_number: int = 9901  # the SR series; the key image series is the next number
-    key_image: bool = True
+    series_number: int = 9901  # the SR series; key image n+1, key object selection n+2, PDF n+3
+    key_image: bool = True  # with its Key Object Selection document (IHE Key Image Note)
     uid_prefix: str | None = None  # site UID root; None → pydicom's root
 
     def __post_init__(self) -> None:
@@ -92,9 +94,9 @@ class OutputOptions:
         _check_lo("institution_department_name", self.institution_department_name, optional=True)
         if isinstance(self.series_number, bool) or not isinstance(self.series_number, int):
             raise TypeError(f"series_number: expected int, got {type(self.series_number).__name__}")
-        if not 1 <= self.series_number <= 2**31 - 2:
-            raise ValueError(f"series_number: {self.series_number} outside 1..2147483646 "
-                             "(the key image series takes the next number)")
+        if not 1 <= self.series_number <= 2**31 - 4:
+            raise ValueError(f"series_number: {self.series_number} outside 1..2147483644 "
+                             "(the key image, key object and PDF series take the next three numbers)")
         if not isinstance(self.key_image, bool):
             raise TypeError(f"key_image: expected bool, got {type(self.key_image).__name__}")
         uids.check_uid_prefix(self.uid_prefix)
@@ -143,6 +145,10 @@ def _check_arguments(
 
 
 def _observation_context(findings: SpineFindings, options: OutputOptions) -> hd.sr.ObservationContext:
+    return hd.sr.ObservationContext(observer_device_context=_device_observer(findings, options))
+
+
+def _device_observer(findings: SpineFindings, options: OutputOptions) -> hd.sr.ObserverContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=uids.device_observer_uid(
             findings.model, options.manufacturer, options.manufacturer_model_name, options.uid_prefix
@@ -151,11 +157,7 @@ def _observation_context(findings: SpineFindings, options: OutputOptions) -> hd.
         manufacturer_name=options.manufacturer,
         model_name=options.manufacturer_model_name,
     )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.cid270.Device, observer_identifying_attributes=device
-        )
-    )
+    return hd.sr.ObserverContext(observer_type=codes.cid270.Device, observer_identifying_attributes=device)
 
 
 def _contributing_equipment(
@@ -428,6 +430,29 @@ def _build(
     outputs: list[pydicom.Dataset] = [measurement_sr, narrative_sr]
     if key_image is not None:
         outputs.append(key_image)
+        shown = [finding_summary(level, fs) for level, fs, _ in _group_by_level(levels, resolved)]
+        key_object = SpineKeyObjectSelection(
+            key_image=key_image,
+            sources=[index.header(str(item.ReferencedSOPInstanceUID)) for item in key_image.SourceImageSequence],
+            observer_context=_device_observer(findings, options),
+            description=("SpineMed AI key image" + (" (DEMO - NOT FOR DIAGNOSTIC USE)" if demo else "") + ": "
+                         + "; ".join(shown))[:1024],
+            series_instance_uid=uids.output_series_uid(study.study_instance_uid, prefix, kind="key-object"),
+            series_number=options.series_number + 2,
+            sop_instance_uid=uids.sop_instance_uid(
+                "key-object", study.study_instance_uid, findings.model, revision, digest, prefix
+            ),
+            instance_number=revision,
+            manufacturer=options.manufacturer,
+            institution_name=options.institution_name,
+            institutional_department_name=options.institution_department_name,
+            series_description=KEY_OBJECT_SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else ""),
+            contributing_equipment=_contributing_equipment(findings, options, when),
+            content_date=when.date(),
+            content_time=when.time(),
+        )
+        _fix_times(key_object, when)
+        outputs.append(key_object)
     return outputs
 
 

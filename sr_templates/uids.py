@@ -72,13 +72,18 @@ def content_digest(*parts: object) -> str:
 
 
 def output_series_uid(study_instance_uid: str, prefix: str | None = None, *, kind: str = "sr") -> str:
-    """The series of a study's SpineMed outputs of one modality, all revisions: ``"sr"`` (both SRs) or
-    ``"key-image"`` — one modality per series, as PACS and viewers file them."""
+    """The series of a study's SpineMed outputs of one modality, all revisions: ``"sr"`` (both SRs),
+    ``"key-image"``, ``"key-object"`` (the KO) or ``"pdf"`` — one modality per series, as PACS and
+    viewers file them."""
     if kind == "sr":
         return _uid(prefix, ["series", study_instance_uid])  # as before: existing SR series keep their UID
-    if kind == "key-image":
+    if kind in SERIES_KINDS:
         return _uid(prefix, ["series", study_instance_uid, kind])
-    raise ValueError(f"kind: {kind!r} is not 'sr' or 'key-image'")
+    raise ValueError(f"kind: {kind!r} is not 'sr', {', '.join(repr(k) for k in SERIES_KINDS)}")
+
+
+#: The series other than the SR series, in series-number order after it (SR n, key image n+1, ...).
+SERIES_KINDS = ("key-image", "key-object", "pdf")
 
 
 def device_observer_uid(model: ModelIdentity, manufacturer: str, model_name: str, prefix: str | None = None) -> str:

@@ -22,6 +22,9 @@ OURS = {"Manufacturer": "SpineMed", "Modality": "SR", "SeriesDescription": "Spin
         (OURS, True),
         ({**OURS, "SeriesDescription": "SpineMed AI results (DEMO - NOT FOR DIAGNOSTIC USE)"}, True),
         ({**OURS, "Modality": "OT", "SeriesDescription": "", "SeriesNumber": "9901"}, True),  # key image
+        ({**OURS, "Modality": "KO", "SeriesDescription": "", "SeriesNumber": "9903"}, True),  # key object
+        ({**OURS, "Modality": "DOC", "SeriesDescription": "", "SeriesNumber": "9904"}, True),  # PDF
+        ({**OURS, "Modality": "OT", "SeriesDescription": "", "SeriesNumber": "9905"}, False),
         ({**OURS, "Manufacturer": "  spinemed "}, True),
         # the synthetic phantoms and other vendors are never ours, whatever their series
         ({**OURS, "Manufacturer": "SpineMed Phantom"}, False),

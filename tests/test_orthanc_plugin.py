@@ -137,7 +137,8 @@ def test_stable_study_gets_its_report_once_across_an_orthanc_crash_then_one_revi
     srs = _sr_instances(orthanc, study_id)
     assert len(srs) == 1, "exactly one measurement report in Orthanc"
     assert srs[0]["Modality"] == "SR" and srs[0]["Manufacturer"] == "SpineMed"
-    # Orthanc files every object in the series of its own modality: both SRs in one, the key image in another
+    # Orthanc files every object in the series of its own modality: both SRs in one, the key image and its KO
+    # in theirs
     ours = {}
     for series in orthanc.get(f"/studies/{study_id}/series"):
         tags = series["MainDicomTags"]
@@ -145,7 +146,8 @@ def test_stable_study_gets_its_report_once_across_an_orthanc_crash_then_one_revi
             modalities = {orthanc.get(f"/instances/{i}/simplified-tags")["Modality"] for i in series["Instances"]}
             name = tags["SeriesDescription"].split(" (")[0]
             ours[name] = (tags.get("Modality"), modalities, len(series["Instances"]))
-    assert ours == {"SpineMed AI results": ("SR", {"SR"}, 2), "SpineMed AI key images": ("OT", {"OT"}, 1)}, ours
+    assert ours == {"SpineMed AI results": ("SR", {"SR"}, 2), "SpineMed AI key images": ("OT", {"OT"}, 1),
+                    "SpineMed AI key image note": ("KO", {"KO"}, 1)}, ours
     store = node.store()
     try:
         job = store.by_study(study.study_instance_uid)

@@ -95,7 +95,7 @@ def xr_outputs(tmp: Path) -> list[pydicom.Dataset]:
 @pytest.mark.parametrize("which", ["mr", "demo", "xr"])
 def test_dciodvfy_clean(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     outputs: list[pydicom.Dataset] = request.getfixturevalue(f"{which}_outputs")
-    assert len(outputs) == 3
+    assert [ds.Modality for ds in outputs] == ["SR", "SR", "OT", "KO"]
     for i, ds in enumerate(outputs):
         path = _write(ds, tmp_path / f"{i}.dcm")
         proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
@@ -103,7 +103,7 @@ def test_dciodvfy_clean(which: str, request: pytest.FixtureRequest, tmp_path: Pa
         iod = lines[0]
         findings = set(lines[1:])
         assert not [ln for ln in findings if "Error" in ln], lines
-        known = KNOWN_SC_WARNINGS if iod == "SCImage" else KNOWN_SR_WARNINGS
+        known = KNOWN_SR_WARNINGS if iod.endswith("SR") else KNOWN_SC_WARNINGS
         assert findings == known, f"{iod}: unexpected dciodvfy output {sorted(findings - known)}"
 
 
@@ -176,8 +176,8 @@ def test_changed_content_or_options_changes_uids(mr: Case, mr_outputs: list[pydi
 def test_revision_references_predecessor(mr: Case, mr_outputs: list[pydicom.Dataset]) -> None:
     rev2 = build_outputs(mr.study, mr.findings, revision=2, predecessors=mr_outputs, created_at=CREATED_AT)
     assert not {d.SOPInstanceUID for d in rev2} & {d.SOPInstanceUID for d in mr_outputs}
-    # the two SRs continue their series (1, 2 -> 3, 4); the key image its own (1 -> 2)
-    assert [d.InstanceNumber for d in rev2] == [3, 4, 2]
+    # the two SRs continue their series (1, 2 -> 3, 4); the key image and its KO theirs (1 -> 2)
+    assert [d.InstanceNumber for d in rev2] == [3, 4, 2, 2]
     assert [d.SeriesInstanceUID for d in rev2] == [d.SeriesInstanceUID for d in mr_outputs]
     assert {d.SeriesInstanceUID for d in rev2[:2]} == {mr_outputs[0].SeriesInstanceUID}
     for new, old in zip(rev2[:2], mr_outputs[:2], strict=True):
@@ -196,7 +196,7 @@ def test_revision_references_predecessor(mr: Case, mr_outputs: list[pydicom.Data
 def test_demo_labelled_everywhere(
     demo_outputs: list[pydicom.Dataset], mr_outputs: list[pydicom.Dataset]
 ) -> None:
-    sr, narrative, key = demo_outputs
+    sr, narrative, key, key_object = demo_outputs
     for ds in demo_outputs:
         assert NOT_FOR_DIAGNOSTIC_USE in ds.SeriesDescription and "DEMO" in ds.SeriesDescription
         ours = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "SpineMed"]

@@ -183,8 +183,9 @@ def test_cobb_units_and_end_vertebrae(built: dict[str, list[pydicom.Dataset]]) -
 
 def test_document_header(cases: dict[str, Case], built: dict[str, list[pydicom.Dataset]]) -> None:
     study = cases["mr"].study
-    sr, narrative, key = built["mr"]
+    sr, narrative, key, key_object = built["mr"]
     assert sr.SeriesInstanceUID == narrative.SeriesInstanceUID != key.SeriesInstanceUID
+    assert len({sr.SeriesInstanceUID, key.SeriesInstanceUID, key_object.SeriesInstanceUID}) == 3
     assert sr.Modality == narrative.Modality == "SR" and key.Modality != "SR"
     for ds in (sr, narrative, key):
         assert ds.StudyInstanceUID == study.study_instance_uid
@@ -352,7 +353,7 @@ def test_an_absent_condition_is_coded_absent_not_severity_none(tmp_path: Path) -
     levels.append(levels[0].model_copy(update={"level": "L2", "finding": "no_abnormality", "measurements": []}))
     answer = case.findings.answer.model_copy(update={"levels": levels})
     findings = case.findings.model_copy(update={"answer": answer})
-    sr, narrative, key = (_roundtrip(d) for d in build_outputs(case.study, findings, created_at=CREATED_AT))
+    sr, narrative, key, _ = (_roundtrip(d) for d in build_outputs(case.study, findings, created_at=CREATED_AT))
 
     codes_used = _all_codes(sr)
     assert not any(meaning.lower() == "none" for _, _, meaning in codes_used), "no severity 'none' anywhere"
@@ -378,3 +379,26 @@ def _texts(ds: pydicom.Dataset) -> list[str]:
             out.append(str(item.TextValue))
         out.extend(_texts(item))
     return out
+
+
+def test_key_object_selection_references_the_key_image_and_its_source(
+    cases: dict[str, Case], built: dict[str, list[pydicom.Dataset]]
+) -> None:
+    """IHE Key Image Note: a KO titled "Of Interest" in a series of its own, naming the algorithm, that
+    references the key image and the source image it was rendered from; highdicom reads it back."""
+    _, _, key, ko = built["mr"]
+    assert ko.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59" and ko.Modality == "KO"
+    assert ko.SeriesNumber == 9903 and ko.SeriesDescription == "SpineMed AI key image note"
+    assert ko.StudyInstanceUID == key.StudyInstanceUID and ko.PatientID == key.PatientID
+    hd.ko.KeyObjectSelectionDocument.from_dataset(ko)  # highdicom reads it back
+    title = ko.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113000", "DCM")
+    source = str(key.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    refs = _referenced_uids(ko)
+    assert refs == {str(key.SOPInstanceUID), source}
+    assert _evidence_uids(ko) == refs
+    text = " ".join(_texts(ko))
+    assert "SpineMed AI key image" in text and "L4-L5: disc herniation, moderate, left" in text
+    observers = [i for i in ko.ContentSequence if i.ValueType == "TEXT" and "Device Observer" in
+                 i.ConceptNameCodeSequence[0].CodeMeaning]
+    assert observers and str(observers[0].TextValue) == cases["mr"].findings.model.name

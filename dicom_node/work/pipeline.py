@@ -60,12 +60,18 @@ def describe_exclusions(excluded: Sequence[Exclusion]) -> str:
 
 
 def output_kind(ds: Dataset) -> str:
-    """``measurement_report`` (TID 1500), ``narrative_report`` (other SR) or ``key_image``."""
+    """``measurement_report`` (TID 1500), ``narrative_report`` (other SR), ``key_object_selection``
+    (KO), ``pdf_report`` (Encapsulated PDF) or ``key_image``."""
     sop_class = str(ds.SOPClassUID)
+    modality = str(ds.get("Modality", ""))
     if sop_class == Comprehensive3DSRStorage:
         return "measurement_report"
-    if str(ds.get("Modality", "")) == "SR":
+    if modality == "SR":
         return "narrative_report"
+    if modality == "KO":
+        return "key_object_selection"
+    if modality == "DOC":
+        return "pdf_report"
     return "key_image"
 
 
