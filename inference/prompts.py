@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Version of the prompt text, recorded in :class:`~inference.findings.ModelIdentity`.
-PROMPT_VERSION: Final = "spine-report-v1"
+PROMPT_VERSION: Final = "spine-report-v2"  # v2: severity none on a condition = assessed, absent
 
 #: A chat message: ``{"role": ..., "content": str | list[part]}``; an image part is
 #: ``{"type": "image", "image_index": i}`` and a text part ``{"type": "text", "text": ...}``.
@@ -111,7 +111,8 @@ def _format_summary(n_images: int) -> str:
         '"risk_and_prognosis": ..., "follow_up": ..., "diagnostic_basis": ...}}\n'
         f"- disc-level findings ({disc}) take a disc level such as L4-L5;\n"
         f"- vertebral findings ({vert}) take a vertebra such as L5;\n"
-        f"- severity: {', '.join(s.value for s in Severity)}; laterality: "
+        f"- severity: {', '.join(s.value for s in Severity)} (none on a condition: you assessed it and it is "
+        "absent); laterality: "
         f"{', '.join(lat.value for lat in Laterality)} or null;\n"
         "- grade: Meyerding grade 1-5 for spondylolisthesis, otherwise null;\n"
         f"- measurements: {units}; end vertebrae null for other types;\n"
