@@ -242,14 +242,37 @@ class ExportConfig(_Section):
     timeout_s: float = Field(default=60.0, gt=0)
 
 
+class CodeSpec(_Section):
+    """One coded concept of a site's terminology: ``{ scheme = "SCT", value = "...", meaning = "..." }``."""
+
+    scheme: str = Field(min_length=1, max_length=16, pattern=r"^[A-Z0-9._-]+$")
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
 class OutputConfig(_Section):
     """``[output]``: the DICOM objects we write."""
 
     institution_name: str | None = None
     institution_department_name: str | None = None
-    series_number: int = Field(default=9901, ge=1)
+    series_number: int = Field(default=9901, ge=1, le=2**31 - 4)
     key_image: bool = True
+    pdf: bool = Field(default=False, description="also an Encapsulated PDF of the report (its own series)")
     uid_prefix: str | None = Field(default=None, description="site UID root ending in '.'")
+    codes: dict[str, CodeSpec] = Field(
+        default_factory=dict,
+        description='site terminology, e.g. "finding.modic_change" = { scheme, value, meaning } (docs/codes.md)',
+    )
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, v: dict[str, CodeSpec]) -> dict[str, CodeSpec]:
+        from sr_templates.codes import override_keys
+
+        unknown = sorted(set(v) - set(override_keys()))
+        if unknown:
+            raise ValueError(f"unknown concept(s) {', '.join(unknown)}: see docs/codes.md for the keys")
+        return v
 
     @field_validator("uid_prefix")
     @classmethod

@@ -84,6 +84,7 @@ class OutputOptions:
     institution_department_name: str | None = None
     series_number: int = 9901  # the SR series; key image n+1, key object selection n+2, PDF n+3
     key_image: bool = True  # with its Key Object Selection document (IHE Key Image Note)
+    pdf: bool = False  # an Encapsulated PDF of the narrative report and the key image
     uid_prefix: str | None = None  # site UID root; None → pydicom's root
 
     def __post_init__(self) -> None:
@@ -99,6 +100,8 @@ class OutputOptions:
                              "(the key image, key object and PDF series take the next three numbers)")
         if not isinstance(self.key_image, bool):
             raise TypeError(f"key_image: expected bool, got {type(self.key_image).__name__}")
+        if not isinstance(self.pdf, bool):
+            raise TypeError(f"pdf: expected bool, got {type(self.pdf).__name__}")
         uids.check_uid_prefix(self.uid_prefix)
 
 

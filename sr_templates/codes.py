@@ -41,11 +41,13 @@ __all__ = [
     "SCHEME_VERSION",
     "SEVERITY_CODES",
     "SpineCodes",
+    "apply_site_codes",
     "coding_scheme_identification",
     "finding_for_code",
     "is_private",
     "level_code",
     "level_for_code",
+    "override_keys",
     "private_code",
     "procedure_code",
     "unit_code",
@@ -144,10 +146,8 @@ def _build_level_codes() -> dict[str, Code]:
     return table
 
 
-_LEVEL_CODES: Mapping[str, Code] = MappingProxyType(_build_level_codes())
-_CODE_LEVELS: Mapping[tuple[str, str], str] = MappingProxyType(
-    {(c.scheme_designator, c.value): level for level, c in _LEVEL_CODES.items()}
-)
+_LEVELS: dict[str, Code] = _build_level_codes()
+_LEVEL_CODES: Mapping[str, Code] = MappingProxyType(_LEVELS)
 
 
 def level_code(level: str) -> Code:
@@ -174,11 +174,15 @@ def level_for_code(code: Code | CodedConcept) -> str:
     KeyError
         ``code`` is not the code of a level.
     """
-    return _CODE_LEVELS[(str(code.scheme_designator), str(code.value))]
+    key = (str(code.scheme_designator), str(code.value))
+    for level, c in _LEVELS.items():
+        if (c.scheme_designator, c.value) == key:
+            return level
+    raise KeyError(key)
 
 
 # ------------------------------------------------------------------------------------------ findings
-FINDING_CODES: Mapping[FindingType, Code] = MappingProxyType(
+_FINDINGS: dict[FindingType, Code] = dict(
     {
         FindingType.DISC_HERNIATION: private_code("DISC-HERNIATION", "Disc herniation"),
         FindingType.DISC_BULGE: private_code("DISC-BULGE", "Disc bulge"),
@@ -192,9 +196,7 @@ FINDING_CODES: Mapping[FindingType, Code] = MappingProxyType(
         FindingType.NO_ABNORMALITY: codes.DCM.NoAbnormality,  # 111286
     }
 )
-_CODE_FINDINGS: Mapping[tuple[str, str], FindingType] = MappingProxyType(
-    {(c.scheme_designator, c.value): f for f, c in FINDING_CODES.items()}
-)
+FINDING_CODES: Mapping[FindingType, Code] = MappingProxyType(_FINDINGS)
 
 
 def finding_for_code(code: Code | CodedConcept) -> FindingType:
@@ -205,7 +207,11 @@ def finding_for_code(code: Code | CodedConcept) -> FindingType:
     KeyError
         ``code`` is not one of our finding codes.
     """
-    return _CODE_FINDINGS[(str(code.scheme_designator), str(code.value))]
+    key = (str(code.scheme_designator), str(code.value))
+    for finding, c in _FINDINGS.items():
+        if (c.scheme_designator, c.value) == key:
+            return finding
+    raise KeyError(key)
 
 
 #: Severity of a present finding.  ``Severity.NONE`` has no code: on a condition it means the condition
@@ -234,7 +240,7 @@ LATERALITY_CODES: Mapping[Laterality, Code] = MappingProxyType(
 )
 
 # ------------------------------------------------------------------------------------------ measurements
-MEASUREMENT_CODES: Mapping[MeasurementType, Code] = MappingProxyType(
+_MEASUREMENTS: dict[MeasurementType, Code] = dict(
     {
         MeasurementType.COBB_ANGLE: codes.SCT.CobbAngle,  # 285285000
         MeasurementType.SLIP_PERCENTAGE: private_code("SLIP-PCT", "Vertebral slip percentage"),
@@ -244,6 +250,7 @@ MEASUREMENT_CODES: Mapping[MeasurementType, Code] = MappingProxyType(
         MeasurementType.VERTEBRAL_HEIGHT_LOSS: private_code("VB-HEIGHT-LOSS", "Vertebral body height loss"),
     }
 )
+MEASUREMENT_CODES: Mapping[MeasurementType, Code] = MappingProxyType(_MEASUREMENTS)
 
 #: The finding each measurement type normally belongs to (used to re-associate on reading).
 MEASUREMENT_FINDING: Mapping[MeasurementType, frozenset[FindingType]] = MappingProxyType(
@@ -305,8 +312,23 @@ def spine_region(levels: list[str], body_parts: list[str]) -> str:
     return "whole"
 
 
+_REGIONS = ("cervical", "thoracic", "lumbar", "whole")
+_PROCEDURE_MODALITIES = {"MR": "MR", "CT": "CT", "CR": "XR", "DX": "XR", "XA": "XR"}  # else "IMG"
+
+
+def _default_procedure(kind: str, region: str) -> Code:
+    region_text = "whole spine" if region == "whole" else f"{region} spine"
+    names = {"MR": "MRI", "CT": "CT", "XR": "Radiography", "IMG": "Imaging"}
+    return private_code(f"PROC-{kind}-{region[0].upper()}", f"{names[kind]} of {region_text}")
+
+
+_PROCEDURES: dict[tuple[str, str], Code] = {
+    (kind, region): _default_procedure(kind, region) for kind in ("MR", "CT", "XR", "IMG") for region in _REGIONS
+}
+
+
 def procedure_code(modality: str, region: str) -> Code:
-    """Procedure Reported: imaging of a spine region by a modality (private ``99SPINEMED`` codes).
+    """Procedure Reported: imaging of a spine region by a modality.
 
     Parameters
     ----------
@@ -321,15 +343,79 @@ def procedure_code(modality: str, region: str) -> Code:
     ValueError
         ``region`` is not one of the four regions.
     """
-    if region not in ("cervical", "thoracic", "lumbar", "whole"):
+    if region not in _REGIONS:
         raise ValueError(f"region: {region!r} is not cervical, thoracic, lumbar or whole")
-    mod_name = _MODALITY_NAMES.get(modality.upper())
-    region_text = "whole spine" if region == "whole" else f"{region} spine"
-    if mod_name is None:
-        return private_code(f"PROC-IMG-{region[0].upper()}", f"Imaging of {region_text}")
-    mod_value = "XR" if mod_name == "Radiography" else mod_name.replace("MRI", "MR")
-    meaning = f"{mod_name} of {region_text}"
-    return private_code(f"PROC-{mod_value}-{region[0].upper()}", meaning)
+    return _PROCEDURES[(_PROCEDURE_MODALITIES.get(modality.upper(), "IMG"), region)]
+
+
+# ------------------------------------------------------------------------------------------ site overrides
+_DEFAULTS = (dict(_LEVELS), dict(_FINDINGS), dict(_MEASUREMENTS), dict(_PROCEDURES))
+
+
+def override_keys() -> list[str]:
+    """Every key a site may map to its own code: ``finding.<type>``, ``level.<level>``,
+    ``measurement.<type>``, ``procedure.<MR|CT|XR|IMG>.<cervical|thoracic|lumbar|whole>``."""
+    return (
+        [f"finding.{f.value}" for f in _DEFAULTS[1]]
+        + [f"level.{lv}" for lv in _DEFAULTS[0]]
+        + [f"measurement.{m.value}" for m in _DEFAULTS[2]]
+        + [f"procedure.{k}.{r}" for k, r in _DEFAULTS[3]]
+    )
+
+
+def apply_site_codes(overrides: Mapping[str, Code]) -> None:
+    """Replace our codes by a site's (its terminology service's, a newer SNOMED CT release's), process-wide.
+
+    Called once at start with ``[output.codes]`` from the config; every call starts from the built-in
+    codes, so ``apply_site_codes({})`` restores them.  Outputs and the SR reader use the mapped codes.
+
+    Raises
+    ------
+    TypeError
+        A value is not a :class:`pydicom.sr.coding.Code`.
+    ValueError
+        A key is not one of :func:`override_keys`, or two concepts would share one code.
+    """
+    known = set(override_keys())
+    for key, code in overrides.items():
+        if key not in known:
+            raise ValueError(f"overrides: {key!r} is not a concept that can be mapped (see override_keys())")
+        if not isinstance(code, Code):
+            raise TypeError(f"overrides: {key!r} must map to a Code, got {type(code).__name__}")
+    levels: dict[str, Code] = dict(_DEFAULTS[0])
+    findings: dict[FindingType, Code] = dict(_DEFAULTS[1])
+    measurements: dict[MeasurementType, Code] = dict(_DEFAULTS[2])
+    procedures: dict[tuple[str, str], Code] = dict(_DEFAULTS[3])
+    for key, code in overrides.items():
+        table, _, name = key.partition(".")
+        if table == "level":
+            levels[name] = code
+        elif table == "finding":
+            findings[FindingType(name)] = code
+        elif table == "measurement":
+            measurements[MeasurementType(name)] = code
+        else:
+            kind, _, region = name.partition(".")
+            procedures[(kind, region)] = code
+    for label, pairs in (
+        ("level", list(levels.items())),
+        ("finding", [(str(k.value), v) for k, v in findings.items()]),
+        ("measurement", [(str(k.value), v) for k, v in measurements.items()]),
+    ):
+        seen: dict[tuple[str, str], str] = {}
+        for concept, code in pairs:
+            key2 = (code.scheme_designator, code.value)
+            if key2 in seen:
+                raise ValueError(f"overrides: {label} {concept} and {seen[key2]} would share the code {key2}")
+            seen[key2] = concept
+    _LEVELS.clear()
+    _LEVELS.update(levels)
+    _FINDINGS.clear()
+    _FINDINGS.update(findings)
+    _MEASUREMENTS.clear()
+    _MEASUREMENTS.update(measurements)
+    _PROCEDURES.clear()
+    _PROCEDURES.update(procedures)
 
 
 # ------------------------------------------------------------------------------------------ narrative

@@ -101,9 +101,14 @@ _GRADE: dict[tuple[str, str], int] = {(c.scheme_designator, c.value): k for k, c
 _LATERALITY: dict[tuple[str, str], Laterality] = {
     (c.scheme_designator, c.value): k for k, c in LATERALITY_CODES.items()
 }
-_MEASUREMENT: dict[tuple[str, str], MeasurementType] = {
-    (c.scheme_designator, c.value): k for k, c in MEASUREMENT_CODES.items()
-}
+
+
+def _measurement_type(key: tuple[str, str]) -> MeasurementType:
+    """Inverse of MEASUREMENT_CODES (read at call time: a site may map its own codes at start)."""
+    for mtype, code in MEASUREMENT_CODES.items():
+        if (code.scheme_designator, code.value) == key:
+            return mtype
+    raise KeyError(key)
 
 
 def _key(item: pydicom.Dataset, attr: str = "ConceptNameCodeSequence") -> tuple[str, str]:
@@ -182,7 +187,7 @@ def _laterality(site: hd.sr.FindingSite) -> Laterality | None:
 
 
 def _num(item: pydicom.Dataset) -> Measurement:
-    mtype = _MEASUREMENT[_key(item)]
+    mtype = _measurement_type(_key(item))
     value = float(item.MeasuredValueSequence[0].NumericValue)
     upper = lower = None
     for child in item.get("ContentSequence", []):
@@ -197,7 +202,7 @@ def _num(item: pydicom.Dataset) -> Measurement:
 
 
 def _measurement(m: hd.sr.Measurement) -> Measurement:
-    mtype = _MEASUREMENT[(m.name.scheme_designator, m.name.value)]
+    mtype = _measurement_type((m.name.scheme_designator, m.name.value))
     upper = lower = None
     if mtype is MeasurementType.COBB_ANGLE:
         for site in m.finding_sites:

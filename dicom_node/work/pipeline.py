@@ -87,8 +87,14 @@ class Pipeline:
     """
 
     def __init__(self, config: NodeConfig, model: SpineModel | None = None) -> None:
+        from pydicom.sr.coding import Code
+
+        from sr_templates.codes import apply_site_codes
+
         self.config = config
         self._model = model
+        # the site's terminology, process-wide: one node, one config
+        apply_site_codes({k: Code(c.value, c.scheme, c.meaning) for k, c in config.output.codes.items()})
 
     @property
     def model(self) -> SpineModel:
@@ -107,6 +113,7 @@ class Pipeline:
             institution_department_name=o.institution_department_name,
             series_number=o.series_number,
             key_image=o.key_image,
+            pdf=o.pdf,
             uid_prefix=o.uid_prefix,
         )
 
