@@ -37,6 +37,7 @@ from sr_templates.measurement_report import (
     is_localised,
 )
 from sr_templates.narrative import SpineNarrativeReport
+from sr_templates.pdf import SpineEncapsulatedPDF, narrative_sections, render_report_pdf
 from sr_templates.text import DEMO_SERIES_SUFFIX, finding_name, finding_summary, short_string
 
 __all__ = ["SERIES_DESCRIPTION", "OutputOptions", "build_outputs"]
@@ -44,6 +45,7 @@ __all__ = ["SERIES_DESCRIPTION", "OutputOptions", "build_outputs"]
 SERIES_DESCRIPTION = "SpineMed AI results"
 KEY_IMAGE_SERIES_DESCRIPTION = "SpineMed AI key images"
 KEY_OBJECT_SERIES_DESCRIPTION = "SpineMed AI key image note"
+PDF_SERIES_DESCRIPTION = "SpineMed AI report (PDF)"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 _LO = 64  # VR LO maximum length
@@ -456,7 +458,82 @@ def _build(
         )
         _fix_times(key_object, when)
         outputs.append(key_object)
+    if options.pdf:
+        outputs.append(_pdf_report(study, findings, options, index, narrative_sr, measurement_sr, key_image,
+                                   revision, digest, when))
     return outputs
+
+
+def _pdf_report(
+    study: Study,
+    findings: SpineFindings,
+    options: OutputOptions,
+    index: SourceIndex,
+    narrative_sr: pydicom.Dataset,
+    measurement_sr: pydicom.Dataset,
+    key_image: pydicom.Dataset | None,
+    revision: int,
+    digest: str,
+    when: datetime.datetime,
+) -> pydicom.Dataset:
+    """The narrative SR's sections and the key image as an Encapsulated PDF, in its own series (n+3)."""
+    demo = findings.model.demo
+    source = index.header(study.instances[0].sop_instance_uid)
+    m = findings.model
+    identification = [
+        ("Patient", _person(source.get("PatientName"))),
+        ("Patient ID", str(source.get("PatientID", "")) or "-"),
+        ("Birth date", _date(source.get("PatientBirthDate"))),
+        ("Accession number", str(source.get("AccessionNumber", "")) or "-"),
+        ("Study date", _date(source.get("StudyDate"))),
+        ("Study", str(source.get("StudyDescription", "")) or "-"),
+    ]
+    title = "SpineMed AI spine report" + (" - DEMO, NOT FOR CLINICAL USE" if demo else "")
+    footer = (f"UNVERIFIED draft by {m.name} {m.version}, {when:%Y-%m-%d %H:%M} - a radiologist verifies it")
+    pdf = render_report_pdf(
+        title=title,
+        identification=identification,
+        sections=narrative_sections(narrative_sr),
+        key_image=key_image,
+        demo=demo,
+        footer=footer,
+        created_at=when,
+    )
+    document = SpineEncapsulatedPDF(
+        evidence=[source],
+        pdf=pdf,
+        referenced_srs=[narrative_sr, measurement_sr],
+        series_instance_uid=uids.output_series_uid(study.study_instance_uid, options.uid_prefix, kind="pdf"),
+        series_number=options.series_number + 3,
+        sop_instance_uid=uids.sop_instance_uid(
+            "pdf-report", study.study_instance_uid, findings.model, revision, digest, options.uid_prefix
+        ),
+        instance_number=revision,
+        manufacturer=options.manufacturer,
+        manufacturer_model_name=options.manufacturer_model_name,
+        software_versions=options.software_version,
+        document_title=short_string(title, _LO),
+        content_datetime=when,
+        series_description=PDF_SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else ""),
+        institution_name=options.institution_name,
+        institutional_department_name=options.institution_department_name,
+    )
+    document.ContributingEquipmentSequence = _contributing_equipment(findings, options, when)
+    _fix_times(document, when)
+    return document
+
+
+def _person(value: object) -> str:
+    """``Family, Given Middle`` from a DICOM person name (``Family^Given^Middle``)."""
+    parts = str(value or "").split("=")[0].split("^")
+    family, given = [*parts, "", ""][:2]
+    rest = " ".join(p for p in parts[2:] if p)
+    return ", ".join(p for p in (family, " ".join(x for x in (given, rest) if x)) if p) or "-"
+
+
+def _date(value: object) -> str:
+    text = str(value or "")
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else (text or "-")
 
 
 def _predecessors_of(predecessors: Sequence[pydicom.Dataset], sop_class_uid: str) -> list[pydicom.Dataset]:

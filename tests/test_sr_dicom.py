@@ -401,12 +401,15 @@ def test_dciodvfy_clean_on_what_the_demo_and_analyze_write(kind: str, tmp_path: 
     src = (make_lumbar_mr(tmp_path / "src", slices=5, size=96, seed=61) if kind == "mr"
            else make_scoliosis_radiograph(tmp_path / "src", seed=61))
     config = tmp_path / "analyze.toml"
-    config.write_text(f'[model]\nbackend = "demo"\npath = "{demo_model_dir}"\n[node]\ndata_dir = "{tmp_path / "d"}"\n')
+    config.write_text(f'[model]\nbackend = "demo"\npath = "{demo_model_dir}"\n[node]\ndata_dir = "{tmp_path / "d"}"\n'
+                      '[output]\npdf = true\n')
     out = tmp_path / "analyze"
     res = subprocess.run([sys.executable, "-m", "dicom_node", "analyze", "--config", str(config), "--out", str(out),
                           *map(str, src.paths)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     written = sorted(out.glob("*.dcm"))
     assert len(written) >= 2
+    modalities = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in [*received, *written]}
+    assert {"SR", "DOC"} <= modalities, modalities  # the demo and this config ask for the PDF too
     problems = [p for path in [*received, *written] for p in _dciodvfy_problems(path)]
     assert not problems, problems

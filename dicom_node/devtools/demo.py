@@ -52,6 +52,9 @@ check_interval_s = 0.5
 [export]
 backoff_initial_s = 1.0
 
+[output]
+pdf = true
+
 [model]
 backend = "demo"
 path = "{model_dir}"
