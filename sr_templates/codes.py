@@ -40,6 +40,7 @@ __all__ = [
     "SCHEME_NAME",
     "SCHEME_VERSION",
     "SEVERITY_CODES",
+    "SOURCES",
     "SpineCodes",
     "apply_site_codes",
     "coding_scheme_identification",
@@ -58,6 +59,15 @@ SCHEME_DESIGNATOR = "99SPINEMED"
 SCHEME_NAME = "SpineMed node private concepts"
 SCHEME_VERSION = "1"
 _RESPONSIBLE = "SpineMed node maintainers (see docs/codes.md)"
+
+
+#: Where each standard code that pydicom's PS3.16 dictionary does not list was checked (scheme, value) ->
+#: citation; ``scripts/codes_doc.py`` writes these, and the context groups of the others, into docs/codes.md.
+SOURCES: Mapping[tuple[str, str], str] = MappingProxyType(
+    {
+        ("UMLS", "C0034375"): "PS3.16 TID 1500 row 12 (Qualitative Evaluations container)",
+    }
+)
 
 
 def private_code(value: str, meaning: str) -> Code:
