@@ -205,6 +205,8 @@ def test_demo_labelled_everywhere(
     assert DEMO_TEXT.startswith("DEMO MODEL OUTPUT") and "not for clinical use" in DEMO_TEXT
     assert any(getattr(i, "TextValue", "") == DEMO_TEXT for i in narrative.ContentSequence)
     assert NOT_FOR_DIAGNOSTIC_USE in key.DerivationDescription
+    described = [str(i.TextValue) for i in key_object.ContentSequence if i.ValueType == "TEXT"]
+    assert any("DEMO - NOT FOR DIAGNOSTIC USE" in t for t in described)
     # the burned-in banner is longer for the demo model
     demo_red = ((key.pixel_array[:20, :, 0] > 200) & (key.pixel_array[:20, :, 1] < 120)).sum()
     plain = mr_outputs[2].pixel_array
