@@ -90,9 +90,11 @@ def test_metrics(running: Running) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     n = len(running.study.paths)
+    objects = len(running.node.store.outputs(running.study.study_instance_uid))  # SRs, key image, its KO
+    assert objects == 4
     for line in (f"spinemed_instances_received_total {float(n)}", 'spinemed_studies{state="done"} 1.0',
                  "spinemed_queue_depth 0.0", "spinemed_inference_seconds_count 1.0",
-                 'spinemed_inference_seconds_bucket{le="+Inf"} 1.0', "spinemed_export_delivered_total 3.0",
+                 'spinemed_inference_seconds_bucket{le="+Inf"} 1.0', f"spinemed_export_delivered_total {objects:.1f}",
                  "spinemed_export_failures_total 0.0", "spinemed_worker_model_loaded 1.0",
                  "spinemed_associations_accepted_total", f"spinemed_instances_received_in_slots_total {float(n)}",
                  "spinemed_receive_slots_unsettled 0.0", "spinemed_instances_spilled_total 0.0"):
