@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from test_sr_support import CREATED_AT, Case, ct_reformat_case, lumbar_mr_case, scoliosis_case
 
-from inference.findings import Severity
+from inference.findings import FindingType, Severity
 from sr_templates import OutputOptions, build_outputs, read_measurement_report
 from sr_templates.codes import (
     FINDING_CODES,
@@ -350,7 +350,8 @@ def test_an_absent_condition_is_coded_absent_not_severity_none(tmp_path: Path) -
     levels = list(case.findings.answer.levels)
     point = levels[1].evidence[0]
     levels[0] = levels[0].model_copy(update={"severity": Severity.NONE, "evidence": [point]})
-    levels.append(levels[0].model_copy(update={"level": "L2", "finding": "no_abnormality", "measurements": []}))
+    normal = {"level": "L2", "finding": FindingType.NO_ABNORMALITY, "measurements": []}
+    levels.append(levels[0].model_copy(update=normal))
     answer = case.findings.answer.model_copy(update={"levels": levels})
     findings = case.findings.model_copy(update={"answer": answer})
     sr, narrative, key, _ = (_roundtrip(d) for d in build_outputs(case.study, findings, created_at=CREATED_AT))
