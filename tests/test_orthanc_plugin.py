@@ -63,6 +63,7 @@ def stack(tmp_path: Path, demo_model_dir: Path) -> Iterator[Stack]:
     node_toml = tmp_path / "node.toml"
     # results go back to Orthanc over STOW-RS (a dicomweb destination, through the worker)
     back = f'\n[[destinations]]\nname = "orthanc"\ntype = "dicomweb"\nurl = "http://127.0.0.1:{http_port}/dicom-web"\n'
+    back += "\n[output]\npdf = true\n"  # every kind of object we write goes back into Orthanc
     node_toml.write_text(node_config_text(data, demo_model_dir, node_port, [], quiet=1.0, extra=back))
     state = tmp_path / "plugin-state.sqlite3"
     snippet = orthanc_config(load_config(node_toml), state_file=state, poll_seconds=0.3)
@@ -147,7 +148,8 @@ def test_stable_study_gets_its_report_once_across_an_orthanc_crash_then_one_revi
             name = tags["SeriesDescription"].split(" (")[0]
             ours[name] = (tags.get("Modality"), modalities, len(series["Instances"]))
     assert ours == {"SpineMed AI results": ("SR", {"SR"}, 2), "SpineMed AI key images": ("OT", {"OT"}, 1),
-                    "SpineMed AI key image note": ("KO", {"KO"}, 1)}, ours
+                    "SpineMed AI key image note": ("KO", {"KO"}, 1),
+                    "SpineMed AI report": ("DOC", {"DOC"}, 1)}, ours
     store = node.store()
     try:
         job = store.by_study(study.study_instance_uid)
