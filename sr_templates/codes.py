@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
@@ -48,6 +49,7 @@ __all__ = [
     "is_private",
     "level_code",
     "level_for_code",
+    "measurement_for_code",
     "override_keys",
     "private_code",
     "procedure_code",
@@ -128,6 +130,18 @@ class SpineCodes:
     DIAGNOSTIC_IMAGING_REPORT = codes.LN.DiagnosticImagingReport  # 18748-4
 
 
+_K = TypeVar("_K")
+
+
+def _inverse(table: Mapping[_K, Code], code: Code | CodedConcept) -> _K:
+    """The concept a code stands for in one of our tables (read at call time: site codes apply)."""
+    key = (str(code.scheme_designator), str(code.value))
+    for concept, c in table.items():
+        if (c.scheme_designator, c.value) == key:
+            return concept
+    raise KeyError(key)
+
+
 # ------------------------------------------------------------------------------------------ levels
 def _vertebra_keyword(name: str) -> str:
     return f"{name}Vertebra"
@@ -184,11 +198,7 @@ def level_for_code(code: Code | CodedConcept) -> str:
     KeyError
         ``code`` is not the code of a level.
     """
-    key = (str(code.scheme_designator), str(code.value))
-    for level, c in _LEVELS.items():
-        if (c.scheme_designator, c.value) == key:
-            return level
-    raise KeyError(key)
+    return _inverse(_LEVELS, code)
 
 
 # ------------------------------------------------------------------------------------------ findings
@@ -217,11 +227,18 @@ def finding_for_code(code: Code | CodedConcept) -> FindingType:
     KeyError
         ``code`` is not one of our finding codes.
     """
-    key = (str(code.scheme_designator), str(code.value))
-    for finding, c in _FINDINGS.items():
-        if (c.scheme_designator, c.value) == key:
-            return finding
-    raise KeyError(key)
+    return _inverse(_FINDINGS, code)
+
+
+def measurement_for_code(code: Code | CodedConcept) -> MeasurementType:
+    """Inverse of :data:`MEASUREMENT_CODES`.
+
+    Raises
+    ------
+    KeyError
+        ``code`` is not one of our measurement codes.
+    """
+    return _inverse(_MEASUREMENTS, code)
 
 
 #: Severity of a present finding.  ``Severity.NONE`` has no code: on a condition it means the condition

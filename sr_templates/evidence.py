@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -25,7 +26,7 @@ import pydicom
 from inference.findings import Evidence, InputImage, SpineFindings
 from inference.study import Instance, Study
 
-__all__ = ["ResolvedEvidence", "SourceIndex", "map_to_patient", "map_to_source"]
+__all__ = ["ResolvedEvidence", "SourceIndex", "map_to_patient", "map_to_source", "patient_and_study"]
 
 
 @dataclass(frozen=True)
@@ -224,3 +225,20 @@ def _with(base: ResolvedEvidence, **changes: object) -> ResolvedEvidence:
     from dataclasses import replace
 
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def patient_and_study(source: pydicom.Dataset) -> dict[str, Any]:
+    """The patient and study attributes of a new object in ``source``'s study, as highdicom's
+    :class:`~highdicom.base.SOPClass` takes them (key image, PDF)."""
+    return {
+        "study_instance_uid": str(source.StudyInstanceUID),
+        "patient_id": source.get("PatientID"),
+        "patient_name": source.get("PatientName"),
+        "patient_birth_date": source.get("PatientBirthDate"),
+        "patient_sex": source.get("PatientSex") or None,
+        "accession_number": source.get("AccessionNumber"),
+        "study_id": source.get("StudyID"),
+        "study_date": source.get("StudyDate"),
+        "study_time": source.get("StudyTime"),
+        "referring_physician_name": source.get("ReferringPhysicianName"),
+    }

@@ -19,7 +19,7 @@ from pydicom.pixels.processing import convert_color_space
 
 from inference.findings import ImagePlane, InputImage, LevelFinding, SpineFindings
 from sr_templates.codes import LONGITUDINAL_PLANES, SpineCodes
-from sr_templates.evidence import ResolvedEvidence
+from sr_templates.evidence import ResolvedEvidence, patient_and_study
 from sr_templates.text import NOT_FOR_DIAGNOSTIC_USE, finding_label
 
 __all__ = ["KeyImageChoice", "SpineKeyImage", "choose_key_image", "render_key_image"]
@@ -270,21 +270,12 @@ class SpineKeyImage(hd.sc.SCImage):
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            study_instance_uid=source.StudyInstanceUID,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
             instance_number=instance_number,
             manufacturer=manufacturer,
-            patient_id=source.get("PatientID"),
-            patient_name=source.get("PatientName"),
-            patient_birth_date=source.get("PatientBirthDate"),
-            patient_sex=source.get("PatientSex"),
-            accession_number=source.get("AccessionNumber"),
-            study_id=source.get("StudyID"),
-            study_date=source.get("StudyDate"),
-            study_time=source.get("StudyTime"),
-            referring_physician_name=source.get("ReferringPhysicianName"),
+            **patient_and_study(source),
             pixel_spacing=pixel_spacing,
             patient_orientation=orientation or ("P", "F"),
             # names and descriptions may hold any Unicode (the demo notice has an em dash)

@@ -22,6 +22,8 @@ from PIL import Image
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from sr_templates.evidence import patient_and_study
+
 __all__ = ["ENCAPSULATED_PDF", "SpineEncapsulatedPDF", "narrative_sections", "render_report_pdf"]
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -261,7 +263,6 @@ class SpineEncapsulatedPDF(hd.base.SOPClass):
             raise TypeError(f"content_datetime: expected datetime, got {type(content_datetime).__name__}")
         src = evidence[0]
         super().__init__(
-            study_instance_uid=str(src.StudyInstanceUID),
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
@@ -270,15 +271,7 @@ class SpineEncapsulatedPDF(hd.base.SOPClass):
             modality="DOC",
             manufacturer=manufacturer,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            patient_id=src.get("PatientID"),
-            patient_name=src.get("PatientName"),
-            patient_birth_date=src.get("PatientBirthDate"),
-            patient_sex=src.get("PatientSex") or None,
-            accession_number=src.get("AccessionNumber"),
-            study_id=src.get("StudyID"),
-            study_date=src.get("StudyDate"),
-            study_time=src.get("StudyTime"),
-            referring_physician_name=src.get("ReferringPhysicianName"),
+            **patient_and_study(src),
             series_description=series_description,
             manufacturer_model_name=manufacturer_model_name,
             software_versions=software_versions,

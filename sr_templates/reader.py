@@ -26,12 +26,12 @@ from inference.findings import (
 )
 from sr_templates.codes import (
     LATERALITY_CODES,
-    MEASUREMENT_CODES,
     MEYERDING_GRADE_CODES,
     SEVERITY_CODES,
     SpineCodes,
     finding_for_code,
     level_for_code,
+    measurement_for_code,
 )
 from sr_templates.text import DEMO_TEXT
 
@@ -102,13 +102,6 @@ _LATERALITY: dict[tuple[str, str], Laterality] = {
     (c.scheme_designator, c.value): k for k, c in LATERALITY_CODES.items()
 }
 
-
-def _measurement_type(key: tuple[str, str]) -> MeasurementType:
-    """Inverse of MEASUREMENT_CODES (read at call time: a site may map its own codes at start)."""
-    for mtype, code in MEASUREMENT_CODES.items():
-        if (code.scheme_designator, code.value) == key:
-            return mtype
-    raise KeyError(key)
 
 
 def _key(item: pydicom.Dataset, attr: str = "ConceptNameCodeSequence") -> tuple[str, str]:
@@ -187,7 +180,7 @@ def _laterality(site: hd.sr.FindingSite) -> Laterality | None:
 
 
 def _num(item: pydicom.Dataset) -> Measurement:
-    mtype = _measurement_type(_key(item))
+    mtype = measurement_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]))
     value = float(item.MeasuredValueSequence[0].NumericValue)
     upper = lower = None
     for child in item.get("ContentSequence", []):
@@ -202,7 +195,7 @@ def _num(item: pydicom.Dataset) -> Measurement:
 
 
 def _measurement(m: hd.sr.Measurement) -> Measurement:
-    mtype = _measurement_type((m.name.scheme_designator, m.name.value))
+    mtype = measurement_for_code(m.name)
     upper = lower = None
     if mtype is MeasurementType.COBB_ANGLE:
         for site in m.finding_sites:
