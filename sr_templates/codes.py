@@ -65,11 +65,10 @@ _RESPONSIBLE = "SpineMed node maintainers (see docs/codes.md)"
 
 #: Where each standard code that pydicom's PS3.16 dictionary does not list was checked (scheme, value) ->
 #: citation; ``scripts/codes_doc.py`` writes these, and the context groups of the others, into docs/codes.md.
-SOURCES: Mapping[tuple[str, str], str] = MappingProxyType(
-    {
-        ("UMLS", "C0034375"): "PS3.16 TID 1500 row 12 (Qualitative Evaluations container)",
-    }
-)
+_SOURCES: dict[tuple[str, str], str] = {
+    ("UMLS", "C0034375"): "PS3.16 TID 1500 row 12 (Qualitative Evaluations container)",
+}
+SOURCES: Mapping[tuple[str, str], str] = MappingProxyType(_SOURCES)
 
 
 def private_code(value: str, meaning: str) -> Code:
@@ -107,7 +106,7 @@ class SpineCodes:
     IMAGE_REGION = codes.DCM.ImageRegion  # 111030
     SOURCE_IMAGE = codes.DCM.SourceImage  # 121324
     SOURCE_IMAGE_FOR_PROCESSING = codes.DCM.SourceImageForImageProcessingOperation  # 121322
-    KEY_IMAGES = codes.DCM.KeyImages  # 121180
+    KEY_IMAGES = codes.LN.KeyImages  # 55113-5 (CID 7001)
     OF_INTEREST = codes.DCM.OfInterest  # 113000
     PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # 109102
     DEVICE = codes.DCM.Device  # 121007
@@ -349,9 +348,34 @@ def _default_procedure(kind: str, region: str) -> Code:
     return private_code(f"PROC-{kind}-{region[0].upper()}", f"{names[kind]} of {region_text}")
 
 
-_PROCEDURES: dict[tuple[str, str], Code] = {
-    (kind, region): _default_procedure(kind, region) for kind in ("MR", "CT", "XR", "IMG") for region in _REGIONS
+#: LOINC / RSNA Radiology Playbook terms for imaging of each spine region by each modality, the ones that
+#: say nothing about contrast or number of views (the node does not know them).  Other modalities keep a
+#: private code.
+_LOINC_PROCEDURES: dict[tuple[str, str], tuple[str, str]] = {
+    ("MR", "cervical"): ("24935-9", "MR Cervical spine"),
+    ("MR", "thoracic"): ("24980-5", "MR Thoracic spine"),
+    ("MR", "lumbar"): ("24968-0", "MR Lumbar spine"),
+    ("MR", "whole"): ("36067-7", "MR Spine"),
+    ("CT", "cervical"): ("24932-6", "CT Cervical spine"),
+    ("CT", "thoracic"): ("24978-9", "CT Thoracic spine"),
+    ("CT", "lumbar"): ("24963-1", "CT Lumbar spine"),
+    ("CT", "whole"): ("28566-8", "CT Spine"),
+    ("XR", "cervical"): ("24946-6", "XR Cervical spine Views"),
+    ("XR", "thoracic"): ("24983-9", "XR Thoracic spine Views"),
+    ("XR", "lumbar"): ("24972-2", "XR Lumbar spine Views"),
+    ("XR", "whole"): ("28613-8", "XR Spine Views"),
 }
+_PROCEDURES: dict[tuple[str, str], Code] = {
+    (kind, region): (
+        Code(*_LOINC_PROCEDURES[(kind, region)][:1], "LN", _LOINC_PROCEDURES[(kind, region)][1])
+        if (kind, region) in _LOINC_PROCEDURES
+        else _default_procedure(kind, region)
+    )
+    for kind in ("MR", "CT", "XR", "IMG")
+    for region in _REGIONS
+}
+_PLAYBOOK_SOURCE = "LOINC Playbook term [L1]"  # the references are in docs/codes.md
+_SOURCES.update({("LN", value): _PLAYBOOK_SOURCE for value, _ in _LOINC_PROCEDURES.values()})
 
 
 def procedure_code(modality: str, region: str) -> Code:
@@ -448,9 +472,11 @@ def apply_site_codes(overrides: Mapping[str, Code]) -> None:
 # ------------------------------------------------------------------------------------------ narrative
 #: (field of NarrativeReport, section heading, text concept name), in report order.
 NARRATIVE_SECTIONS: tuple[tuple[str, Code, Code], ...] = (
-    ("findings", codes.DCM.Findings, codes.DCM.Finding),  # 121070 / 121071
-    ("diagnosis", codes.DCM.Impressions, codes.DCM.Impression),  # 121072 / 121073
-    ("treatment_suggestions", codes.DCM.Recommendations, codes.DCM.Recommendation),  # 121074 / 121075
+    # headings: LOINC, the encoding PS3.16 CID 7001 prefers (the DCM equivalents 121070/121072/121074 are kept
+    # there for backward compatibility); text items: DCM 121071 / 121073 / 121075 (TID 2002)
+    ("findings", codes.LN.Findings, codes.DCM.Finding),  # 59776-5
+    ("diagnosis", codes.LN.Impressions, codes.DCM.Impression),  # 19005-8
+    ("treatment_suggestions", codes.LN.Recommendations, codes.DCM.Recommendation),  # 18783-1
     (
         "risk_and_prognosis",
         private_code("SEC-RISK", "Risk and prognosis"),

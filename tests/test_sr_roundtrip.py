@@ -144,7 +144,8 @@ def test_group_structure_mr(cases: dict[str, Case], built: dict[str, list[pydico
         f"backend={model.backend}",
     )
     assert len({grp.tracking_uid for grp in rb.groups}) == len(rb.groups)
-    assert rb.procedure_reported[0].meaning == "MRI of lumbar spine"
+    procedure = rb.procedure_reported[0]
+    assert (procedure.value, procedure.scheme_designator, procedure.meaning) == ("24968-0", "LN", "MR Lumbar spine")
     assert rb.device_observer_name == model.name and rb.device_observer_uid
     assert by_level["L5"].summary == "L5: spondylolisthesis, grade I, mild, 18%"
     assert all(g.template == "1410" for g in rb.groups)
@@ -225,14 +226,14 @@ def test_narrative_sections(cases: dict[str, Case], built: dict[str, list[pydico
         (s.ConceptNameCodeSequence[0].CodeValue, s.ConceptNameCodeSequence[0].CodingSchemeDesignator)
         for s in sections
     ]
-    assert headings == [
-        ("121070", "DCM"),
-        ("121072", "DCM"),
-        ("121074", "DCM"),
+    assert headings == [  # LOINC headings of CID 7001 where one exists
+        ("59776-5", "LN"),
+        ("19005-8", "LN"),
+        ("18783-1", "LN"),
         ("SEC-RISK", SCHEME_DESIGNATOR),
         ("SEC-FOLLOW-UP", SCHEME_DESIGNATOR),
         ("SEC-DX-BASIS", SCHEME_DESIGNATOR),
-        ("121180", "DCM"),
+        ("55113-5", "LN"),
     ]
     texts = [[i.TextValue for i in s.ContentSequence if i.ValueType == "TEXT"] for s in sections[:6]]
     assert texts[0][0] == report.findings
