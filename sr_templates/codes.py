@@ -119,7 +119,6 @@ class SpineCodes:
     # --- private: what the standard code sets (as carried by pydicom) lack
     MEYERDING_GRADE = private_code("MEYERDING", "Meyerding grade")
     LOCALISATION = private_code("LOCALISATION", "Localisation by the algorithm")
-    LOCALISED_POINT = private_code("LOC-POINT", "Localised at a point")
     NOT_LOCALISED = private_code("LOC-NONE", "Image given, not localised by the algorithm")
     NO_IMAGE_EVIDENCE = private_code("LOC-NOIMAGE", "No supporting image given by the algorithm")
     TRANSITIONAL = private_code("TRANSITIONAL", "Transitional vertebral anatomy")

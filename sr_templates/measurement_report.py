@@ -245,24 +245,21 @@ class SpineLevelEvaluation(hd.sr.CodeContentItem):
             )
         children += [_num(m) for m in finding.measurements]
         children += _evidence_items(evidence)
-        summary = finding_summary(finding.level, [finding])
-        if is_transitional(finding.level):
-            summary += " (transitional anatomy)"
         children.append(
             hd.sr.TextContentItem(
-                name=SpineCodes.COMMENT, value=text_value(summary), relationship_type=_REL.HAS_PROPERTIES
+                name=SpineCodes.COMMENT, value=_summary(finding), relationship_type=_REL.HAS_PROPERTIES
             )
         )
         self.ContentSequence = hd.sr.ContentSequence(children)
         self.level = finding.level
 
 
-def _append_comment(group: hd.sr.templates.Template, summary: str, level: str) -> None:
-    if is_transitional(level):
+def _summary(finding: LevelFinding) -> str:
+    """The one-line comment of a finding: ``"L4-L5: disc herniation, moderate, left, 9.5 mm"``."""
+    summary = finding_summary(finding.level, [finding])
+    if is_transitional(finding.level):
         summary += " (transitional anatomy)"
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=text_value(summary), relationship_type=_REL.CONTAINS)
-    )
+    return text_value(summary)
 
 
 class SpinePlanarROIGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
@@ -352,7 +349,9 @@ class SpinePlanarROIGroup(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
             qualitative_evaluations=evaluations or None,
         )
         self.level = finding.level
-        _append_comment(self, finding_summary(finding.level, [finding]), finding.level)
+        self[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=_summary(finding), relationship_type=_REL.CONTAINS)
+        )
 
 
 class SpineMeasurementReport(hd.sr.MeasurementReport):

@@ -52,7 +52,8 @@ class ReadEvidence:
 
 @dataclass(frozen=True)
 class ReadFinding:
-    """One finding as read back from its group."""
+    """One finding as read back: ``localisation`` is ``"LOC-POINT"`` for a finding with a region (TID 1410),
+    else the code value of its localisation status (``"LOC-NONE"``: image only; ``"LOC-NOIMAGE"``)."""
 
     level: str
     finding: FindingType
