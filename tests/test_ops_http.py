@@ -51,6 +51,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
         completeness={"quiet_seconds": 1.0, "force_seconds": 60, "check_interval_s": 0.1},
         model={"backend": "demo", "path": str(demo_model_dir)},
         worker={"poll_interval_s": 0.05},
+        output={"pdf": True},
         destinations=[{"name": "results", "ae_title": scp.ae_title, "host": "127.0.0.1", "port": scp.port}],
     )
     node = ReceivingNode(cfg)
@@ -90,8 +91,8 @@ def test_metrics(running: Running) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     n = len(running.study.paths)
-    objects = len(running.node.store.outputs(running.study.study_instance_uid))  # SRs, key image, its KO
-    assert objects == 4
+    objects = len(running.node.store.outputs(running.study.study_instance_uid))  # SRs, key image, its KO, PDF
+    assert objects == 5
     for line in (f"spinemed_instances_received_total {float(n)}", 'spinemed_studies{state="done"} 1.0',
                  "spinemed_queue_depth 0.0", "spinemed_inference_seconds_count 1.0",
                  'spinemed_inference_seconds_bucket{le="+Inf"} 1.0', f"spinemed_export_delivered_total {objects:.1f}",
@@ -162,3 +163,14 @@ def test_jobs_page_in_headless_chromium(running: Running, tmp_path: Path) -> Non
         browser.save_screenshot(str(tmp_path / "report.png"))
     finally:
         browser.quit()
+
+
+def test_the_jobs_page_opens_the_pdf_report(running: Running) -> None:
+    """The PDF report is linked from the job's row and served as the PDF itself (application/pdf)."""
+    job = running.node.store.by_study(running.study.study_instance_uid)
+    page = httpx.get(f"{running.base}/jobs", timeout=20).text
+    assert f'href="/jobs/{job.id}/report/pdf_report"' in page
+    r = httpx.get(f"{running.base}/jobs/{job.id}/report/pdf_report", timeout=20)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
+    assert r.content.startswith(b"%PDF-") and r.content.rstrip().endswith(b"%%EOF")
+    assert httpx.get(f"{running.base}/jobs/{job.id}/report/key_image", timeout=20).status_code == 404

@@ -72,7 +72,8 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
             return refused
         try:
             job_id = int(request.path_params["job_id"])
-            return HTMLResponse(render_report(store, job_id, str(request.path_params["kind"])))
+            body, media_type = render_report(store, job_id, str(request.path_params["kind"]))
+            return Response(body, media_type=media_type)
         except JobNotFoundError:
             return PlainTextResponse("no such job", status_code=404)
         except ReportError as exc:

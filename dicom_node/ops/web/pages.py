@@ -19,13 +19,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pydicom
+
 from dicom_node.jobs.model import Job, JobStore, OutputRecord
 from dicom_node.log import phi_hash, redact
 
 __all__ = ["REPORT_KINDS", "ReportError", "jobs_page", "redact_uids", "render_report"]
 
 #: Result objects that render as a report, and their link text.
-REPORT_KINDS = {"measurement_report": "measurements (TID 1500)", "narrative_report": "narrative"}
+REPORT_KINDS = {"measurement_report": "measurements (TID 1500)", "narrative_report": "narrative", "pdf_report": "PDF"}
 
 
 
@@ -112,8 +114,10 @@ and the audit trail). Refreshes every {refresh_s} s. <a href="/health/ready">rea
 """
 
 
-def render_report(store: JobStore, job_id: int, kind: str, *, timeout_s: float = 30.0) -> str:
-    """The job's latest ``kind`` result SR rendered to HTML by ``dsr2html``.
+def render_report(store: JobStore, job_id: int, kind: str, *, timeout_s: float = 30.0) -> tuple[bytes, str]:
+    """The job's latest ``kind`` result as the browser shows it: ``(body, media type)``.
+
+    An SR is rendered to HTML by ``dsr2html``; the PDF report is its encapsulated document as it is.
 
     Raises
     ------
@@ -128,6 +132,10 @@ def render_report(store: JobStore, job_id: int, kind: str, *, timeout_s: float =
     match = [o for o in store.outputs(job.study_instance_uid, job.revision) if o.kind == kind]
     if not match or not Path(match[0].path).is_file():
         raise ReportError(f"job {job_id}: no {kind} on disk (not produced yet, or removed by retention)")
+    if kind == "pdf_report":
+        ds = pydicom.dcmread(match[0].path)
+        length = int(ds.get("EncapsulatedDocumentLength", 0)) or len(ds.EncapsulatedDocument)
+        return bytes(ds.EncapsulatedDocument)[:length], "application/pdf"
     exe = shutil.which("dsr2html")
     if exe is None:
         raise ReportError("dsr2html (dcmtk) is not installed: apt-get install dcmtk")
@@ -136,4 +144,4 @@ def render_report(store: JobStore, job_id: int, kind: str, *, timeout_s: float =
     if res.returncode != 0:
         err = redact_uids(res.stderr.decode(errors="replace"))[:300]
         raise ReportError(f"dsr2html failed ({res.returncode}): {err}")
-    return res.stdout.decode("utf-8", errors="replace")
+    return res.stdout, "text/html; charset=utf-8"
