@@ -67,6 +67,8 @@ _RESPONSIBLE = "SpineMed node maintainers (see docs/codes.md)"
 #: citation; ``scripts/codes_doc.py`` writes these, and the context groups of the others, into docs/codes.md.
 _SOURCES: dict[tuple[str, str], str] = {
     ("UMLS", "C0034375"): "PS3.16 TID 1500 row 12 (Qualitative Evaluations container)",
+    **{("SCT", v): "SNOMED CT IPS Free Set [S1]" for v in ("73589001", "77547008", "76107001", "274152003",
+                                                          "50448004", "298382003")},
 }
 SOURCES: Mapping[tuple[str, str], str] = MappingProxyType(_SOURCES)
 
@@ -156,6 +158,8 @@ def _build_level_codes() -> dict[str, Code]:
     table: dict[str, Code] = {}
     for level in LEVELS:
         keyword = _disc_keyword(level) if is_segment(level) else _vertebra_keyword(level)
+        if level == "C1-C2":  # no disc between atlas and axis: the motion segment is the atlanto-axial joint
+            keyword = "AtlantalAxialJoint"  # 62555009, PS3.16 CID 7482/7483/8134
         try:
             table[level] = getattr(codes.SCT, keyword)
         except AttributeError:
@@ -202,15 +206,16 @@ def level_for_code(code: Code | CodedConcept) -> str:
 # ------------------------------------------------------------------------------------------ findings
 _FINDINGS: dict[FindingType, Code] = dict(
     {
-        FindingType.DISC_HERNIATION: private_code("DISC-HERNIATION", "Disc herniation"),
+        # SNOMED CT from the IPS Free Set [S1] where a concept matches; the others have none that does
+        FindingType.DISC_HERNIATION: Code("73589001", "SCT", "Intervertebral disc prolapse"),
         FindingType.DISC_BULGE: private_code("DISC-BULGE", "Disc bulge"),
-        FindingType.DEGENERATIVE_DISC_DISEASE: private_code("DDD", "Degenerative disc disease"),
-        FindingType.SPINAL_CANAL_STENOSIS: private_code("CANAL-STENOSIS", "Spinal canal stenosis"),
+        FindingType.DEGENERATIVE_DISC_DISEASE: Code("77547008", "SCT", "Degeneration of intervertebral disc"),
+        FindingType.SPINAL_CANAL_STENOSIS: Code("76107001", "SCT", "Spinal stenosis"),
         FindingType.FORAMINAL_STENOSIS: private_code("FORAMEN-STENOSIS", "Foraminal stenosis"),
         FindingType.MODIC_CHANGE: private_code("MODIC", "Modic endplate change"),
-        FindingType.SPONDYLOLISTHESIS: private_code("LISTHESIS", "Spondylolisthesis"),
-        FindingType.VERTEBRAL_FRACTURE: private_code("VB-FRACTURE", "Vertebral fracture"),
-        FindingType.SCOLIOSIS: private_code("SCOLIOSIS", "Scoliosis"),
+        FindingType.SPONDYLOLISTHESIS: Code("274152003", "SCT", "Spondylolisthesis"),
+        FindingType.VERTEBRAL_FRACTURE: Code("50448004", "SCT", "Fracture of vertebral column"),
+        FindingType.SCOLIOSIS: Code("298382003", "SCT", "Scoliosis deformity of spine"),
         FindingType.NO_ABNORMALITY: codes.DCM.NoAbnormality,  # 111286
     }
 )
