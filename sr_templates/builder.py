@@ -20,6 +20,7 @@ from importlib import metadata
 import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import PersonName
 
 from inference.findings import LevelFinding, SpineFindings, level_sort_key
 from inference.study import Study
@@ -321,7 +322,7 @@ def _build(
     series_uid = uids.output_series_uid(study.study_instance_uid, prefix)
     key_series_uid = uids.output_series_uid(study.study_instance_uid, prefix, kind="key-image")
     first_instance = 2 * (revision - 1) + 1  # the two SRs of each revision, in the SR series
-    description = SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else "")
+    description = _series_description(SERIES_DESCRIPTION, demo)
     common: dict[str, object] = {
         "series_description": description,
         "manufacturer_model_name": options.manufacturer_model_name,
@@ -360,7 +361,7 @@ def _build(
                 manufacturer=options.manufacturer,
                 demo=demo,
                 contributing_equipment=_contributing_equipment(findings, options, when),
-                **{**common, "series_description": KEY_IMAGE_SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else "")},
+                **{**common, "series_description": _series_description(KEY_IMAGE_SERIES_DESCRIPTION, demo)},
             )
             if options.institution_name is not None:
                 key_image.InstitutionName = options.institution_name
@@ -411,10 +412,11 @@ def _build(
     _fix_times(measurement_sr, when)
 
     # narrative
+    level_summaries = [finding_summary(level, fs) for level, fs, _ in _group_by_level(levels, resolved)]
     narrative = SpineNarrativeReport(
         report=findings.answer.report,
         observation_context=_observation_context(findings, options),
-        level_summaries=[finding_summary(level, fs) for level, fs, _ in _group_by_level(levels, resolved)],
+        level_summaries=level_summaries,
         key_image=key_image,
         demo=demo,
     )
@@ -435,13 +437,12 @@ def _build(
     outputs: list[pydicom.Dataset] = [measurement_sr, narrative_sr]
     if key_image is not None:
         outputs.append(key_image)
-        shown = [finding_summary(level, fs) for level, fs, _ in _group_by_level(levels, resolved)]
         key_object = SpineKeyObjectSelection(
             key_image=key_image,
             sources=[index.header(str(item.ReferencedSOPInstanceUID)) for item in key_image.SourceImageSequence],
             observer_context=_device_observer(findings, options),
             description=("SpineMed AI key image" + (" (DEMO - NOT FOR DIAGNOSTIC USE)" if demo else "") + ": "
-                         + "; ".join(shown))[:1024],
+                         + "; ".join(level_summaries))[:1024],
             series_instance_uid=uids.output_series_uid(study.study_instance_uid, prefix, kind="key-object"),
             series_number=options.series_number + 2,
             sop_instance_uid=uids.sop_instance_uid(
@@ -451,7 +452,7 @@ def _build(
             manufacturer=options.manufacturer,
             institution_name=options.institution_name,
             institutional_department_name=options.institution_department_name,
-            series_description=KEY_OBJECT_SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else ""),
+            series_description=_series_description(KEY_OBJECT_SERIES_DESCRIPTION, demo),
             contributing_equipment=_contributing_equipment(findings, options, when),
             content_date=when.date(),
             content_time=when.time(),
@@ -514,7 +515,7 @@ def _pdf_report(
         software_versions=options.software_version,
         document_title=short_string(title, _LO),
         content_datetime=when,
-        series_description=PDF_SERIES_DESCRIPTION + (DEMO_SERIES_SUFFIX if demo else ""),
+        series_description=_series_description(PDF_SERIES_DESCRIPTION, demo),
         institution_name=options.institution_name,
         institutional_department_name=options.institution_department_name,
     )
@@ -523,12 +524,16 @@ def _pdf_report(
     return document
 
 
+def _series_description(base: str, demo: bool) -> str:
+    """A series description of ours, marked for the demo model."""
+    return base + (DEMO_SERIES_SUFFIX if demo else "")
+
+
 def _person(value: object) -> str:
     """``Family, Given Middle`` from a DICOM person name (``Family^Given^Middle``)."""
-    parts = str(value or "").split("=")[0].split("^")
-    family, given = [*parts, "", ""][:2]
-    rest = " ".join(p for p in parts[2:] if p)
-    return ", ".join(p for p in (family, " ".join(x for x in (given, rest) if x)) if p) or "-"
+    name = PersonName(str(value or ""))
+    given = " ".join(p for p in (name.given_name, name.middle_name) if p)
+    return ", ".join(p for p in (name.family_name, given) if p) or "-"
 
 
 def _date(value: object) -> str:
