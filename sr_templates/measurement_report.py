@@ -106,19 +106,23 @@ def _finding_site(level: str, findings: Sequence[LevelFinding]) -> hd.sr.Finding
     )
 
 
+def _end_vertebrae(m: Measurement) -> list[hd.sr.FindingSite] | None:
+    """The end vertebrae of a Cobb angle as finding sites (Superior = upper, Inferior = lower), else None."""
+    if m.type is not MeasurementType.COBB_ANGLE:
+        return None
+    assert m.upper_end_vertebra is not None and m.lower_end_vertebra is not None
+    return [
+        hd.sr.FindingSite(level_code(m.upper_end_vertebra), topographical_modifier=SpineCodes.SUPERIOR),
+        hd.sr.FindingSite(level_code(m.lower_end_vertebra), topographical_modifier=SpineCodes.INFERIOR),
+    ]
+
+
 def _measurement(m: Measurement) -> hd.sr.Measurement:
-    sites: list[hd.sr.FindingSite] | None = None
-    if m.type is MeasurementType.COBB_ANGLE:
-        assert m.upper_end_vertebra is not None and m.lower_end_vertebra is not None
-        sites = [
-            hd.sr.FindingSite(level_code(m.upper_end_vertebra), topographical_modifier=SpineCodes.SUPERIOR),
-            hd.sr.FindingSite(level_code(m.lower_end_vertebra), topographical_modifier=SpineCodes.INFERIOR),
-        ]
     return hd.sr.Measurement(
         name=MEASUREMENT_CODES[m.type],
         value=float(m.value),
         unit=unit_code(m.unit),
-        finding_sites=sites,
+        finding_sites=_end_vertebrae(m),
     )
 
 
@@ -173,14 +177,9 @@ def _num(m: Measurement) -> hd.sr.NumContentItem:
         unit=unit_code(m.unit),
         relationship_type=_REL.HAS_PROPERTIES,
     )
-    if m.type is MeasurementType.COBB_ANGLE:
-        assert m.upper_end_vertebra is not None and m.lower_end_vertebra is not None
-        item.ContentSequence = hd.sr.ContentSequence(
-            [
-                hd.sr.FindingSite(level_code(m.upper_end_vertebra), topographical_modifier=SpineCodes.SUPERIOR),
-                hd.sr.FindingSite(level_code(m.lower_end_vertebra), topographical_modifier=SpineCodes.INFERIOR),
-            ]
-        )
+    sites = _end_vertebrae(m)
+    if sites is not None:
+        item.ContentSequence = hd.sr.ContentSequence(sites)
     return item
 
 

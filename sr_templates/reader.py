@@ -1,11 +1,10 @@
 """Read a SpineMed TID 1500 SR back into findings (round-trip checks, audits, revisions).
 
-Parsing uses highdicom (:class:`highdicom.sr.MeasurementReport`, its TID 1410
-:class:`~highdicom.sr.PlanarROIMeasurementsAndQualitativeEvaluations` and TID 1501
-:class:`~highdicom.sr.MeasurementsAndQualitativeEvaluations` groups) and walks the children of
-each TID 1501 "Finding" item (severity, grade, laterality, localisation, image references) that
-highdicom's qualitative-evaluation accessor does not expose.  The regions of one finding (one TID
-1410 group per point) are read back as one finding.
+Parsing uses highdicom (:class:`highdicom.sr.MeasurementReport` and its TID 1410
+:class:`~highdicom.sr.PlanarROIMeasurementsAndQualitativeEvaluations` groups) for the localised
+findings, and walks the items of TID 1500's Qualitative Evaluations container (finding site, severity,
+grade, localisation, measurements, image references) for the others, which highdicom does not parse.
+The regions of one finding (one TID 1410 group per point) are read back as one finding.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from inference.findings import (
     FindingType,
     Laterality,
     Measurement,
-    MeasurementType,
     Severity,
     level_sort_key,
 )
@@ -181,6 +179,8 @@ def _laterality(site: hd.sr.FindingSite) -> Laterality | None:
 
 
 def _num(item: pydicom.Dataset) -> Measurement:
+    """A NUM item of ours (in a TID 1410 group, or under a qualitative evaluation), with a Cobb angle's
+    end vertebrae from its Superior / Inferior finding sites."""
     mtype = measurement_for_code(hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]))
     value = float(item.MeasuredValueSequence[0].NumericValue)
     upper = lower = None
@@ -193,20 +193,6 @@ def _num(item: pydicom.Dataset) -> Measurement:
             elif mod is not None and mod == SpineCodes.INFERIOR:
                 lower = level_for_code(site.value)
     return Measurement(type=mtype, value=value, upper_end_vertebra=upper, lower_end_vertebra=lower)
-
-
-def _measurement(m: hd.sr.Measurement) -> Measurement:
-    mtype = measurement_for_code(m.name)
-    upper = lower = None
-    if mtype is MeasurementType.COBB_ANGLE:
-        for site in m.finding_sites:
-            mod = site.topographical_modifier
-            name = level_for_code(site.value)
-            if mod is not None and mod == SpineCodes.SUPERIOR:
-                upper = name
-            elif mod is not None and mod == SpineCodes.INFERIOR:
-                lower = name
-    return Measurement(type=mtype, value=float(m.value), upper_end_vertebra=upper, lower_end_vertebra=lower)
 
 
 def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
@@ -314,7 +300,7 @@ def _read_roi_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
     summary, alg_name, alg_version, params = _group_text(group)
     read = ReadFinding(
         level, finding, severity, grade, laterality, "LOC-POINT",
-        tuple(_measurement(m) for m in group.get_measurements()), (evidence,), (), summary,
+        tuple(_num(m[0]) for m in group.get_measurements()), (evidence,), (), summary,
     )
     return ReadGroup(
         template="1410",
