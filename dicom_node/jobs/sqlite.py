@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,7 @@ class SQLiteJobStore(SQLJobStore):
         if db is None:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_ms / 1000,
                                  check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={self._busy_ms}")
             db.execute("PRAGMA foreign_keys=ON")
@@ -60,6 +61,31 @@ class SQLiteJobStore(SQLJobStore):
             with self._lock:
                 self._all.append(db)
         return db
+
+    def _enable_wal(self, db: sqlite3.Connection) -> None:
+        """Put the file in WAL mode, waiting out another connection that is doing the same.
+
+        Switching a new file's journal mode takes an exclusive lock, and SQLite answers ``SQLITE_BUSY`` at
+        once, without its busy handler, when another connection holds one (receiver and worker starting
+        together on a new file).  So the switch is retried here, for up to the busy timeout.
+        """
+        deadline = time.monotonic() + self._busy_ms / 1000
+        delay = 0.005
+        while True:
+            try:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"job store {self.path}: cannot enable WAL: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"job store {self.path}: cannot enable WAL within "
+                                     f"{self._busy_ms / 1000:g} s: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            if str(mode).lower() != "wal":
+                raise StoreError(f"job store {self.path}: the file system does not allow WAL (journal mode {mode})")
+            return
 
     @contextmanager
     def _tx(self) -> Iterator[Cursor]:
