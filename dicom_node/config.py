@@ -200,10 +200,16 @@ class DestinationConfig(_Section):
 
     ``type = "dicom"`` (default): a C-STORE SCP (``ae_title``, ``host``, ``port``).
     ``type = "dicomweb"``: a STOW-RS endpoint (``url``, e.g. ``http://orthanc:8042/dicom-web``).
+    ``type = "hl7"``: a RIS/EHR interface engine taking HL7 v2.5.1 ORU^R01 over MLLP (``host``, ``port``).
+    ``type = "fhir"``: a FHIR R4 server taking a transaction Bundle (``url``: its base, e.g.
+    ``https://ehr.example/fhir``).
+
+    The DICOM types send every result object; ``hl7`` and ``fhir`` carry the two SRs' content (findings
+    and narrative) as one message per report (:data:`REPORT_KINDS`).
     """
 
     name: str = Field(min_length=1, max_length=64)
-    type: Literal["dicom", "dicomweb"] = "dicom"
+    type: Literal["dicom", "dicomweb", "hl7", "fhir"] = "dicom"
     ae_title: str | None = None
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -215,6 +221,16 @@ class DestinationConfig(_Section):
     tls_cert_file: Path | None = Field(default=None, description="our client certificate, if it wants one")
     tls_key_file: Path | None = Field(default=None, description="the client certificate's key")
     tls_server_name: str | None = Field(default=None, description="name in its certificate; default host")
+    token_env: str | None = Field(default=None, description="env var holding a bearer token (type = fhir)")
+    hl7_sending_application: str = Field(default="SPINEMED", min_length=1, max_length=180,
+                                         description="MSH-3 (type = hl7)")
+    hl7_sending_facility: str | None = Field(default=None, max_length=180, description="MSH-4 (type = hl7)")
+    hl7_receiving_application: str | None = Field(default=None, max_length=180, description="MSH-5 (type = hl7)")
+    hl7_receiving_facility: str | None = Field(default=None, max_length=180, description="MSH-6 (type = hl7)")
+    patient_identifier_system: str | None = Field(
+        default=None, max_length=256,
+        description="the FHIR identifier system (a URI) of the site's Patient IDs (type = fhir); "
+                    "default: the DICOM Issuer of Patient ID as urn:oid, else none")
 
     @field_validator("ae_title")
     @classmethod
@@ -223,13 +239,28 @@ class DestinationConfig(_Section):
 
     @model_validator(mode="after")
     def _complete(self) -> DestinationConfig:
-        if self.type == "dicom":
-            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+        if self.type in ("dicom", "hl7"):
+            needed = ("ae_title", "host", "port") if self.type == "dicom" else ("host", "port")
+            missing = [k for k in needed if getattr(self, k) is None]
             if missing:
-                raise ValueError(f"{', '.join(missing)}: required for a dicom destination")
+                raise ValueError(f"{', '.join(missing)}: required for a {self.type} destination")
         elif not self.url or not re.match(r"^https?://", self.url):
-            raise ValueError("url: a dicomweb destination needs an http(s) URL")
+            raise ValueError(f"url: a {self.type} destination needs an http(s) URL")
+        for key in ("hl7_sending_application", "hl7_sending_facility", "hl7_receiving_application",
+                    "hl7_receiving_facility"):
+            value = getattr(self, key)
+            if value is not None and re.search(r"[|^~\\&\r\n]", value):
+                raise ValueError(f"{key}: HL7 delimiters (| ^ ~ \\ &) and line breaks are not allowed")
         return self
+
+    @property
+    def output_kinds(self) -> frozenset[str] | None:
+        """The kinds of result object this destination takes (``None``: all of them)."""
+        return REPORT_KINDS if self.type in ("hl7", "fhir") else None
+
+
+#: the result objects a message-based destination (HL7 v2, FHIR) is built from: both SRs
+REPORT_KINDS = frozenset({"measurement_report", "narrative_report"})
 
 
 class ExportConfig(_Section):
