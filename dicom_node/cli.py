@@ -183,7 +183,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
     rc = 0
     for t in targets:
         ok, msg = echo(t, calling_ae=config.node.ae_title)
-        where = t.url if t.type == "dicomweb" else f"{t.ae_title}@{t.host}:{t.port}"
+        where = {"dicomweb": t.url, "fhir": t.url, "hl7": f"MLLP {t.host}:{t.port}"}.get(
+            t.type, f"{t.ae_title}@{t.host}:{t.port}")
         print(f"{t.name} ({where}): {msg}")
         rc |= 0 if ok else 1
     return rc

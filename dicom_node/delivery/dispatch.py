@@ -1,4 +1,5 @@
-"""Send result objects to one destination by its type: C-STORE (``dicom``) or STOW-RS (``dicomweb``)."""
+"""Send result objects to one destination by its type: C-STORE (``dicom``), STOW-RS (``dicomweb``), an HL7 v2
+ORU^R01 over MLLP (``hl7``) or a FHIR R4 transaction Bundle (``fhir``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from dicom_node.config import DestinationConfig
 from dicom_node.delivery.cstore import send_files
+from dicom_node.delivery.hl7 import send_files_hl7
 from dicom_node.delivery.result import SendResult
 from dicom_node.delivery.stow import send_files_stow
 
@@ -16,7 +18,9 @@ __all__ = ["deliver"]
 def deliver(
     dest: DestinationConfig, paths: Sequence[Path], *, calling_ae: str, timeout_s: float = 60.0
 ) -> list[SendResult]:
-    """Send ``paths`` to ``dest`` by its type: C-STORE (``dicom``) or STOW-RS (``dicomweb``)."""
+    """Send ``paths`` to ``dest`` by its type (the module docstring); one result per path."""
     if dest.type == "dicomweb":
         return send_files_stow(dest, paths, timeout_s=timeout_s)
+    if dest.type == "hl7":
+        return send_files_hl7(dest, paths, timeout_s=timeout_s)
     return send_files(dest, paths, calling_ae=calling_ae, timeout_s=timeout_s)

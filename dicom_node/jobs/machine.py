@@ -312,8 +312,13 @@ class SQLJobStore:
         revision: int,
         outputs: Sequence[OutputRecord],
         destinations: Sequence[str],
+        kinds: Mapping[str, frozenset[str]] | None = None,
     ) -> Job:
-        """Record the written result objects and their pending deliveries, and move to exporting."""
+        """Record the written result objects and their pending deliveries, and move to exporting.
+
+        ``kinds`` limits a destination to the output kinds it takes (an HL7 or FHIR destination: the two
+        SRs); a destination absent from it takes every object.
+        """
         now = time.time()
         with self._tx() as cur:
             job = self._owned(cur, job_id, owner)
@@ -327,6 +332,8 @@ class SQLJobStore:
                     (o.sop_instance_uid, o.study_instance_uid, o.revision, o.kind, o.sop_class_uid, o.path),
                 )
                 for dest in destinations:
+                    if kinds is not None and dest in kinds and o.kind not in kinds[dest]:
+                        continue
                     self._x(cur, "INSERT INTO deliveries(output_uid, destination) VALUES (?, ?) "
                             "ON CONFLICT DO NOTHING", (o.sop_instance_uid, dest))
             timings = dict(job.timings)

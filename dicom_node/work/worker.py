@@ -290,7 +290,8 @@ class Worker:
             seconds={k: round(v, 3) for k, v in outcome.seconds.items()},
             dry_run=self.config.routing.dry_run,
         )
-        return self.store.finish_report(job.id, self.owner, revision, records_out, destinations)
+        kinds = {d.name: d.output_kinds for d in self.config.destinations if d.output_kinds is not None}
+        return self.store.finish_report(job.id, self.owner, revision, records_out, destinations, kinds)
 
     def _analysis_failed(self, job: Job, exc: InferenceError) -> Job:
         """A transient failure (the model server down or busy, out of GPU memory, too slow) defers the study
@@ -400,7 +401,7 @@ class Worker:
             log.info("delivered", job=job.id, revision=job.revision)
             self.store.transition(job.id, self.owner, JobState.DONE)
         elif gave_up or any(d.state == "failed" for d in remaining):
-            reason = "; ".join(gave_up[:5]) or "delivery failed"
+            reason = "; ".join(list(dict.fromkeys(gave_up))[:5]) or "delivery failed"  # each reason once
             self.store.transition(
                 job.id,
                 self.owner,
