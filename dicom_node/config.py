@@ -273,6 +273,43 @@ class ExportConfig(_Section):
     timeout_s: float = Field(default=60.0, gt=0)
 
 
+EndEventName = Literal["done", "failed", "skipped"]
+
+
+def _all_end_events() -> list[EndEventName]:
+    return ["done", "failed", "skipped"]
+
+
+class NotifyConfig(_Section):
+    """``[notify]``: a webhook told when a study ends (done, failed, skipped), HMAC-signed JSON.
+
+    Without ``include_identifiers`` the payload names the study only by its pseudonym (the same keyed hash
+    as the logs); the reason texts carry no patient data.
+    """
+
+    webhook_url: str | None = Field(default=None, description="http(s) URL that receives the POSTs; unset: off")
+    secret_env: str | None = Field(default=None, description="env var holding the HMAC-SHA256 signing key")
+    events: list[EndEventName] = Field(default_factory=_all_end_events, min_length=1)
+    include_identifiers: bool = Field(default=False, description="add the Study Instance UID to each payload")
+    timeout_s: float = Field(default=10.0, gt=0)
+    poll_interval_s: float = Field(default=2.0, gt=0, description="how often ended studies are looked for")
+    backoff_initial_s: float = Field(default=5.0, ge=0, description="first wait after a failed POST")
+    backoff_max_s: float = Field(default=300.0, ge=0, description="longest wait; notifications wait, never drop")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _v_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s]+$", v):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _signed(self) -> NotifyConfig:
+        if self.webhook_url and not self.secret_env:
+            raise ValueError("secret_env: a webhook is signed; name the env var holding its key")
+        return self
+
+
 class CodeSpec(_Section):
     """One coded concept of a site's terminology: ``{ scheme = "SCT", value = "...", meaning = "..." }``."""
 
@@ -343,6 +380,7 @@ class NodeConfig(BaseSettings):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
     model: ModelSettings = Field(default_factory=ModelSettings)
     output: OutputConfig = Field(default_factory=OutputConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dicom_node.config import DestinationConfig
 from dicom_node.delivery.cstore import send_files
+from dicom_node.delivery.fhir import send_files_fhir
 from dicom_node.delivery.hl7 import send_files_hl7
 from dicom_node.delivery.result import SendResult
 from dicom_node.delivery.stow import send_files_stow
@@ -23,4 +24,6 @@ def deliver(
         return send_files_stow(dest, paths, timeout_s=timeout_s)
     if dest.type == "hl7":
         return send_files_hl7(dest, paths, timeout_s=timeout_s)
+    if dest.type == "fhir":
+        return send_files_fhir(dest, paths, timeout_s=timeout_s)
     return send_files(dest, paths, calling_ae=calling_ae, timeout_s=timeout_s)

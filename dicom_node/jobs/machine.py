@@ -29,6 +29,7 @@ from dicom_node.jobs.model import (
     FINAL_STATES,
     JOB_COLUMNS,
     Delivery,
+    EndEvent,
     InstanceRecord,
     Job,
     JobState,
@@ -448,6 +449,19 @@ class SQLJobStore:
         rows = self._rows("SELECT at, from_state, to_state, detail FROM events WHERE study_uid = ? ORDER BY id",
                           (study_uid,))
         return [{"at": r[0], "from": r[1], "to": r[2], "detail": r[3]} for r in rows]
+
+    def end_events(self, after_id: int, limit: int = 100) -> list[EndEvent]:
+        """Final-state transitions with an event id above ``after_id``, oldest first (the webhook's outbox)."""
+        finals = tuple(str(s) for s in FINAL_STATES)
+        rows = self._rows(
+            "SELECT id, study_uid, at, to_state, detail FROM events WHERE id > ? AND to_state IN (?, ?, ?) "
+            "ORDER BY id LIMIT ?", (after_id, *finals, limit))
+        return [EndEvent(int(r[0]), r[1], float(r[2]), JobState(r[3]), r[4]) for r in rows]
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 when there is none)."""
+        rows = self._rows("SELECT COALESCE(MAX(id), 0) FROM events", ())
+        return int(rows[0][0])
 
     def ops_stats(self) -> OpsStats:
         """Job counts by state, inference durations and delivery totals (for ``/metrics``)."""

@@ -24,6 +24,7 @@ __all__ = [
     "FINAL_STATES",
     "JOB_COLUMNS",
     "Delivery",
+    "EndEvent",
     "InstanceRecord",
     "Job",
     "JobState",
@@ -113,6 +114,17 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class EndEvent:
+    """A study reaching a final state (done, failed, skipped), from the job store's event log."""
+
+    event_id: int
+    study_instance_uid: str
+    at: float
+    state: JobState
+    detail: str | None
+
+
+@dataclass(frozen=True)
 class OpsStats:
     """Aggregates for ``/metrics``, read from the store so every process (and node) sees the same numbers."""
 
@@ -170,6 +182,9 @@ class JobStore(Protocol):
     def retry(self, job_id: int) -> Job: ...
     def counts(self) -> dict[str, int]: ...
     def events(self, study_uid: str) -> list[dict[str, Any]]: ...
+    def end_events(self, after_id: int, limit: int = 100) -> list[EndEvent]: ...
+    def last_event_id(self) -> int: ...
+
     def ops_stats(self) -> OpsStats: ...
     def schema_version(self) -> str | None: ...
     def close(self) -> None: ...

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_node.delivery.webhook import WebhookStats
 from dicom_node.ingest.receive import ReceiverStats
 from dicom_node.ingest.slots import SlotPool
 from dicom_node.jobs.model import JobState, JobStore, OpsStats
@@ -46,6 +47,7 @@ class NodeSources:
     receiver: ReceiverStats | None = None
     gate: GateStats | None = None
     retention: RetentionStats | None = None
+    webhook: WebhookStats | None = None
     heartbeat_file: Path | None = None
     free_bytes: Callable[[], int] | None = None
     slots: SlotPool | None = None
@@ -114,6 +116,12 @@ class NodeCollector(Collector):
             ret.add_metric(["spool"], spool)
             ret.add_metric(["outputs"], outputs)
             yield ret
+        if s.webhook is not None:
+            sent, failures = s.webhook.snapshot()
+            yield CounterMetricFamily("spinemed_webhook_sent", "Study-end notifications accepted by the webhook",
+                                      value=sent)
+            yield CounterMetricFamily("spinemed_webhook_failures", "Webhook POSTs not accepted (each retried)",
+                                      value=failures)
         if s.slots is not None:
             ready, unsettled, received, spilled = s.slots.snapshot()
             yield GaugeMetricFamily("spinemed_receive_slots_ready", "Receive slots written ahead and ready",

@@ -7,6 +7,7 @@ starts and stops it with the listener.
 from __future__ import annotations
 
 from dicom_node.config import NodeConfig
+from dicom_node.delivery.webhook import WebhookNotifier
 from dicom_node.ingest.receive import Receiver
 from dicom_node.jobs.model import JobStore
 from dicom_node.log import get_logger
@@ -22,7 +23,7 @@ log = get_logger(__name__)
 
 
 class NodeOps:
-    """Retention task + HTTP server (health, metrics, jobs page) for one receiving node.
+    """Retention task, webhook notifier + HTTP server (health, metrics, jobs page) for one receiving node.
 
     Parameters
     ----------
@@ -37,10 +38,13 @@ class NodeOps:
     def __init__(self, config: NodeConfig, store: JobStore, receiver: Receiver) -> None:
         self.config = config
         self.retention = RetentionTask(config, store, receiver.audit)
+        self.webhook = WebhookNotifier(config, store) if config.notify.webhook_url else None
         self.readiness = Readiness(config, store, receiver.spool.free_bytes)
         self.collector = NodeCollector(
             NodeSources(store=store, receiver=receiver.stats, gate=receiver.gate.stats,
-                        retention=self.retention.stats, heartbeat_file=heartbeat_path(config.node.data_dir),
+                        retention=self.retention.stats,
+                        webhook=self.webhook.stats if self.webhook is not None else None,
+                        heartbeat_file=heartbeat_path(config.node.data_dir),
                         free_bytes=receiver.spool.free_bytes, slots=receiver.spool.pool),
             store_cache_s=config.http.ready_cache_s,
         )
@@ -52,6 +56,8 @@ class NodeOps:
 
     def start(self) -> None:
         self.retention.start()
+        if self.webhook is not None:
+            self.webhook.start()
         if self.http is not None:
             try:
                 self.http_port = self.http.start()
@@ -64,4 +70,6 @@ class NodeOps:
     def stop(self) -> None:
         if self.http is not None:
             self.http.stop()
+        if self.webhook is not None:
+            self.webhook.stop()
         self.retention.stop()
