@@ -190,6 +190,26 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_render_message(args: argparse.Namespace) -> int:
+    """Print the HL7 ORU^R01 or FHIR Bundle a destination would be sent for one report (nothing is sent)."""
+    from dicom_node.delivery.fhir import build_report_bundle
+    from dicom_node.delivery.hl7 import build_oru, report_pair
+
+    files = [f for p in args.paths for f in (sorted(p.glob("*.dcm")) if p.is_dir() else [p])]
+    try:
+        measurement, narrative = report_pair(files)
+        if args.kind == "hl7":
+            print(build_oru(measurement, narrative).replace("\r", "\n"))
+        else:
+            bundle = build_report_bundle(measurement, narrative,
+                                         patient_identifier_system=args.patient_identifier_system)
+            print(json.dumps(bundle, indent=2, ensure_ascii=False))
+    except (OSError, ValueError) as exc:
+        print(f"render-message: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_build_demo_model(args: argparse.Namespace) -> int:
     from inference.demo_model import build_demo_model
 
@@ -311,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=104)
     p.add_argument("--ae-title", default="ANY-SCP")
     p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser(
+        "render-message",
+        help="print the HL7 ORU^R01 or FHIR Bundle of one report (its SR files or folder); nothing is sent",
+    )
+    p.add_argument("kind", choices=["hl7", "fhir"])
+    p.add_argument("paths", type=Path, nargs="+", help="the report's SR files, or a folder holding them")
+    p.add_argument("--patient-identifier-system", help="fhir: the Patient IDs' identifier system (a URI)")
+    p.set_defaults(func=cmd_render_message)
 
     p = sub.add_parser(
         "build-demo-model", help="build the tiny random demo model (demo — not for clinical use)"

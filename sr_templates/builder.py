@@ -27,7 +27,7 @@ from inference.study import Study
 from sr_templates import uids
 from sr_templates.codes import SpineCodes, coding_scheme_identification, procedure_code, spine_region
 from sr_templates.errors import ReportBuildError
-from sr_templates.evidence import ResolvedEvidence, SourceIndex
+from sr_templates.evidence import ResolvedEvidence, SourceIndex, requested_procedures
 from sr_templates.key_image import SpineKeyImage, choose_key_image
 from sr_templates.key_object import SpineKeyObjectSelection
 from sr_templates.measurement_report import (
@@ -394,6 +394,7 @@ def _build(
         "institution_name": options.institution_name,
         "institutional_department_name": options.institution_department_name,
         "coding_schemes": coding_scheme_identification(),
+        "requested_procedures": requested_procedures(evidence[0]),
         # the model writes free Unicode text (and the demo notice an em dash): declare UTF-8
         "specific_character_set": "ISO_IR 192",
         **common,

@@ -26,7 +26,14 @@ import pydicom
 from inference.findings import Evidence, InputImage, SpineFindings
 from inference.study import Instance, Study
 
-__all__ = ["ResolvedEvidence", "SourceIndex", "map_to_patient", "map_to_source", "patient_and_study"]
+__all__ = [
+    "ResolvedEvidence",
+    "SourceIndex",
+    "map_to_patient",
+    "map_to_source",
+    "patient_and_study",
+    "requested_procedures",
+]
 
 
 @dataclass(frozen=True)
@@ -242,3 +249,38 @@ def patient_and_study(source: pydicom.Dataset) -> dict[str, Any]:
         "study_time": source.get("StudyTime"),
         "referring_physician_name": source.get("ReferringPhysicianName"),
     }
+
+
+_ORDER_KEYWORDS = (
+    "AccessionNumber",
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+    "RequestedProcedureID",
+    "RequestedProcedureDescription",
+)
+
+
+def requested_procedures(source: pydicom.Dataset) -> list[pydicom.Dataset] | None:
+    """The orders ``source``'s study fulfils, as items of an SR's Referenced Request Sequence (0040,A370).
+
+    One item per Request Attributes Sequence (0040,0275) item of ``source`` (the modality's copy of the
+    worklist entry: accession number, requested procedure ID and description; placer and filler order
+    numbers where the modality copied them, which images carry only as non-standard attributes but the
+    Referenced Request Sequence holds by definition), else one from ``source``'s own accession number and
+    order numbers; ``None`` when it names no order at all.  The RIS finds its order by these in our SRs and
+    in the HL7 message built from them.
+    """
+    requests = list(source.get("RequestAttributesSequence", [])) or [source]
+    items: list[pydicom.Dataset] = []
+    for req in requests:
+        values = {k: str(req.get(k, "") or source.get(k, "") or "") for k in _ORDER_KEYWORDS}
+        if not any(values.values()):
+            continue
+        item = pydicom.Dataset()
+        item.StudyInstanceUID = source.StudyInstanceUID
+        item.ReferencedStudySequence = []
+        for keyword, value in values.items():
+            setattr(item, keyword, value)
+        item.RequestedProcedureCodeSequence = list(req.get("RequestedProcedureCodeSequence", []))
+        items.append(item)
+    return items or None

@@ -37,6 +37,7 @@ from dicom_node.work.worker import Worker
 from inference.findings import FindingType, Severity
 from sr_templates import build_outputs, read_measurement_report
 from sr_templates.codes import FINDING_CODES, SEVERITY_CODES, SpineCodes, level_code
+from sr_templates.evidence import requested_procedures
 
 
 # ---------------------------------------------------------------------------------------------- receiver
@@ -163,6 +164,31 @@ def test_the_oru_carries_each_level_finding_as_the_sr_says(tmp_path: Path, recei
     assert [msg.unescape(r) for r in reps] == first
 
 
+def test_the_order_comes_from_the_images_worklist_copy_through_the_sr(tmp_path: Path) -> None:
+    """Accession number and requested procedure ID (the modality's copy of its worklist entry) reach the SR's
+    Referenced Request Sequence and OBR-18/19; placer and filler order numbers, where a modality copied them,
+    reach ORC-2/3 and OBR-2/3."""
+    case = lumbar_mr_case(tmp_path / "case")
+    _, sr, narrative = _report_files(tmp_path, case)
+    source = pydicom.dcmread(case.study.instances[0].path, stop_before_pixels=True)
+    request = source.RequestAttributesSequence[0]
+    item = sr.ReferencedRequestSequence[0]
+    assert (item.AccessionNumber, item.RequestedProcedureID) == (request.AccessionNumber,
+                                                                 request.RequestedProcedureID)
+    assert item.StudyInstanceUID == sr.StudyInstanceUID
+
+    source.RequestAttributesSequence[0].PlacerOrderNumberImagingServiceRequest = "PLC-1"
+    source.RequestAttributesSequence[0].FillerOrderNumberImagingServiceRequest = "FIL-9"
+    (copied,) = requested_procedures(source) or []
+    assert (copied.PlacerOrderNumberImagingServiceRequest, copied.FillerOrderNumberImagingServiceRequest) == (
+        "PLC-1", "FIL-9")
+    sr.ReferencedRequestSequence = [copied]
+    msg = hl7.parse(build_oru(sr, narrative))
+    orc, obr = msg.segment("ORC"), msg.segment("OBR")
+    assert (_c(orc[2]), _c(orc[3]), _c(obr[2]), _c(obr[3])) == ("PLC-1", "FIL-9", "PLC-1", "FIL-9")
+    assert (_c(obr[18]), _c(obr[19])) == (request.AccessionNumber, request.RequestedProcedureID)
+
+
 def test_the_cobb_angle_goes_as_a_number_in_degrees(tmp_path: Path) -> None:
     _, sr, narrative = _report_files(tmp_path, scoliosis_case(tmp_path / "case"))
     msg = hl7.parse(build_oru(sr, narrative))
@@ -280,7 +306,8 @@ def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_rea
     cfg = load_config(
         node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path / "data", "min_free_disk_mb": 0},
         http={"enabled": False},
-        completeness={"quiet_seconds": 0.3, "force_seconds": 60, "check_interval_s": 0.1},
+        # a quiet period storescu's pauses do not reach: one study, one revision
+        completeness={"quiet_seconds": 1.5, "force_seconds": 60, "check_interval_s": 0.1},
         destinations=[{"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": receiver.port,
                        "hl7_receiving_application": "RIS"}],
         export={"max_attempts": 2, "backoff_initial_s": 0.2, "backoff_max_s": 0.4, "timeout_s": 5},
@@ -294,7 +321,8 @@ def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_rea
         job = _wait(lambda: (j := node.store.by_study(st.study_instance_uid)).state is JobState.FAILED and j,
                     180, "failed after the AE answers")
         assert job.reason == "delivery failed after 2 attempts: ris: HL7 AE: Unknown order"
-        deliveries = node.store.deliveries(st.study_instance_uid)
+        assert job.revision == 1
+        deliveries = node.store.deliveries(st.study_instance_uid, job.revision)
         kinds = {o.sop_instance_uid: o.kind for o in node.store.outputs(st.study_instance_uid)}
         assert sorted(kinds[d.output_uid] for d in deliveries) == ["measurement_report", "narrative_report"]
         assert len(kinds) > 2, "the key image and its KO are written, not sent to the RIS"
@@ -308,3 +336,27 @@ def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_rea
     assert len(ids) == 3, "a new control id per attempt"
     patient_id = pydicom.dcmread(st.paths[0], stop_before_pixels=True).PatientID
     assert {_c(hl7.parse(m).segment("PID")[3]) for m in receiver.messages} == {patient_id}
+
+
+def test_render_message_prints_what_a_destination_would_be_sent(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    paths, _, _ = _report_files(tmp_path, lumbar_mr_case(tmp_path / "case"))
+    folder = paths[0].parent
+    out = subprocess.run([sys.executable, "-m", "dicom_node", "render-message", "hl7", str(folder)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("MSH|^~\\&|SPINEMED|") and any(ln.startswith("OBX|") for ln in lines)
+    out = subprocess.run([sys.executable, "-m", "dicom_node", "render-message", "fhir", *map(str, paths)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    bundle = json.loads(out.stdout)
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    out = subprocess.run([sys.executable, "-m", "dicom_node", "render-message", "hl7", str(paths[1])],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "no measurement report" in out.stderr

@@ -8,8 +8,8 @@ fields) before it leaves::
     PID  patient ID (issuer as assigning authority), name, birth date, sex: from the SR
     ORC  RE; placer / filler order numbers from the SR's Referenced Request Sequence
     OBR  the same order numbers; OBR-4 the procedure reported (LOINC Playbook); OBR-7 the study date;
-         OBR-18 the accession number; OBR-22 the SR's content date; OBR-24 RAD; OBR-25 P (preliminary:
-         the SR is UNVERIFIED)
+         OBR-18 the accession number, OBR-19 the requested procedure ID (as IHE Scheduled Workflow maps
+         them); OBR-22 the SR's content date; OBR-24 RAD; OBR-25 P (preliminary: the SR is UNVERIFIED)
     OBX  RP  18748-4 "Diagnostic imaging study" (LN): the SR's SOP Instance UID (a DICOM reference)
     OBX  HD  110180 "Study Instance UID" (DCM): the study
     OBX  CWE one per level finding: OBX-3 the finding (SNOMED CT where one exists), OBX-5 its severity,
@@ -59,7 +59,7 @@ from sr_templates.codes import (
 )
 from sr_templates.reader import ReadFinding, read_measurement_report
 
-__all__ = ["Acknowledgement", "build_oru", "parse_ack", "send_files_hl7"]
+__all__ = ["Acknowledgement", "build_oru", "parse_ack", "report_pair", "send_files_hl7"]
 
 log = get_logger(__name__)
 
@@ -102,16 +102,18 @@ class _Order:
     placer: str
     filler: str
     accession: str
+    requested_procedure_id: str
 
 
 def _order(sr: pydicom.Dataset) -> _Order:
-    placer = filler = ""
-    accession = str(sr.get("AccessionNumber", "") or "")
+    """The order the report answers, from the SR's Referenced Request Sequence (its first item naming one)."""
+    found = {"placer": "", "filler": "", "accession": str(sr.get("AccessionNumber", "") or ""), "rp": ""}
+    keys = {"placer": "PlacerOrderNumberImagingServiceRequest", "filler": "FillerOrderNumberImagingServiceRequest",
+            "accession": "AccessionNumber", "rp": "RequestedProcedureID"}
     for item in sr.get("ReferencedRequestSequence", []):
-        placer = placer or str(item.get("PlacerOrderNumberImagingServiceRequest", "") or "")
-        filler = filler or str(item.get("FillerOrderNumberImagingServiceRequest", "") or "")
-        accession = accession or str(item.get("AccessionNumber", "") or "")
-    return _Order(placer, filler, accession)
+        for name, keyword in keys.items():
+            found[name] = found[name] or str(item.get(keyword, "") or "")
+    return _Order(found["placer"], found["filler"], found["accession"], found["rp"])
 
 
 def _finding_obx(f: ReadFinding) -> list[tuple[str, Code, str, str, str]]:
@@ -214,7 +216,7 @@ def build_oru(
         ["OBR", "1", _escape(order.placer), _escape(order.filler),
          _cwe(Code(proc.value, proc.scheme_designator, proc.meaning)), "", "",
          _dt(sr.get("StudyDate"), sr.get("StudyTime")), "", "", "", "", "", "", "", "", "", "",
-         _escape(order.accession), "", "", "", content_dt, "", "RAD", status],
+         _escape(order.accession), _escape(order.requested_procedure_id), "", "", content_dt, "", "RAD", status],
     ]
     rows: list[tuple[str, str, str, str, str, str]] = [
         ("RP", _cwe(DIAGNOSTIC_IMAGING_STUDY), "", f"{sr.SOPInstanceUID}^SPINEMED^AP^DICOM", "", ""),
@@ -289,8 +291,14 @@ async def _exchange(host: str, port: int, message: str, timeout_s: float) -> str
             log.debug("hl7 connection close", error=type(exc).__name__)
 
 
-def _reports(paths: Sequence[Path]) -> tuple[pydicom.Dataset, pydicom.Dataset | None]:
-    """The measurement and narrative SRs among ``paths`` (the first is required)."""
+def report_pair(paths: Sequence[Path]) -> tuple[pydicom.Dataset, pydicom.Dataset | None]:
+    """The measurement and the narrative SR among ``paths`` (DICOM files; the TID 1500 SR is required).
+
+    Raises
+    ------
+    ValueError
+        No TID 1500 SR among them.
+    """
     measurement: pydicom.Dataset | None = None
     narrative: pydicom.Dataset | None = None
     for path in paths:
@@ -327,7 +335,7 @@ def send_files_hl7(dest: DestinationConfig, paths: Sequence[Path], *, timeout_s:
     if dest.type != "hl7" or dest.host is None or dest.port is None:
         return outcome(False, f"{dest.type} destination: not an HL7 destination", True)
     try:
-        measurement, narrative = _reports(paths)
+        measurement, narrative = report_pair(paths)
         control_id = uuid.uuid4().hex[:_MAX_CONTROL_ID]
         message = build_oru(
             measurement, narrative, sending_application=dest.hl7_sending_application,

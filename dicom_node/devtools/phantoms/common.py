@@ -300,6 +300,13 @@ def _base_dataset(
     ds.AcquisitionTime = content_dt.strftime("%H%M%S")
     ds.ContentTime = content_dt.strftime("%H%M%S")
     ds.AccessionNumber = ctx.accession
+    # what a modality copies from its worklist entry (General Series module, Request Attributes Sequence)
+    request = Dataset()
+    request.AccessionNumber = ctx.accession
+    request.RequestedProcedureID = f"RP{ctx.accession[3:]}"[:16]
+    request.RequestedProcedureDescription = ctx.study_description
+    request.ScheduledProcedureStepID = f"SPS{ctx.accession[3:]}"[:16]
+    ds.RequestAttributesSequence = [request]
     ds.Modality = series.modality
     ds.Manufacturer = _MANUFACTURER
     ds.InstitutionName = _INSTITUTION
