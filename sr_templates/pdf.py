@@ -20,11 +20,18 @@ import pydicom
 from fpdf import FPDF
 from PIL import Image
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from sr_templates.evidence import patient_and_study
 
-__all__ = ["ENCAPSULATED_PDF", "SpineEncapsulatedPDF", "narrative_sections", "render_report_pdf"]
+__all__ = [
+    "ENCAPSULATED_PDF",
+    "SpineEncapsulatedPDF",
+    "coded_narrative_sections",
+    "narrative_sections",
+    "render_report_pdf",
+]
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 DEMO_BANNER = "DEMO MODEL OUTPUT - NOT FOR CLINICAL USE"
@@ -178,15 +185,27 @@ def narrative_sections(narrative_sr: pydicom.Dataset) -> list[tuple[str, list[st
     TypeError
         ``narrative_sr`` is not a pydicom Dataset.
     """
+    return [(code.meaning, texts) for code, texts in coded_narrative_sections(narrative_sr)]
+
+
+def coded_narrative_sections(narrative_sr: pydicom.Dataset) -> list[tuple[Code, list[str]]]:
+    """``(heading concept, paragraphs)`` of each section container holding text, in document order.
+
+    Raises
+    ------
+    TypeError
+        ``narrative_sr`` is not a pydicom Dataset.
+    """
     if not isinstance(narrative_sr, pydicom.Dataset):
         raise TypeError(f"narrative_sr: expected a pydicom Dataset, got {type(narrative_sr).__name__}")
-    out: list[tuple[str, list[str]]] = []
+    out: list[tuple[Code, list[str]]] = []
     for item in narrative_sr.get("ContentSequence", []):
         if item.ValueType != "CONTAINER":
             continue
         texts = [str(c.TextValue) for c in item.get("ContentSequence", []) if c.ValueType == "TEXT"]
         if texts:
-            out.append((str(item.ConceptNameCodeSequence[0].CodeMeaning), texts))
+            c = item.ConceptNameCodeSequence[0]
+            out.append((Code(str(c.CodeValue), str(c.CodingSchemeDesignator), str(c.CodeMeaning)), texts))
     return out
 
 

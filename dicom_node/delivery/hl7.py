@@ -57,6 +57,7 @@ from sr_templates.codes import (
     level_code,
     unit_code,
 )
+from sr_templates.pdf import coded_narrative_sections
 from sr_templates.reader import ReadFinding, read_measurement_report
 
 __all__ = ["Acknowledgement", "build_oru", "parse_ack", "report_pair", "send_files_hl7"]
@@ -136,19 +137,6 @@ def _finding_obx(f: ReadFinding) -> list[tuple[str, Code, str, str, str]]:
     return rows
 
 
-def _sections(narrative_sr: pydicom.Dataset) -> list[tuple[Code, list[str]]]:
-    """``(heading concept, paragraphs)`` of each section of our narrative SR, in document order."""
-    out: list[tuple[Code, list[str]]] = []
-    for item in narrative_sr.get("ContentSequence", []):
-        if item.ValueType != "CONTAINER":
-            continue
-        texts = [str(c.TextValue) for c in item.get("ContentSequence", []) if c.ValueType == "TEXT"]
-        if texts:
-            c = item.ConceptNameCodeSequence[0]
-            out.append((Code(str(c.CodeValue), str(c.CodingSchemeDesignator), str(c.CodeMeaning)), texts))
-    return out
-
-
 def build_oru(
     measurement_sr: pydicom.Dataset,
     narrative_sr: pydicom.Dataset | None,
@@ -225,7 +213,7 @@ def build_oru(
     for n, finding in enumerate(report.findings, start=1):
         for vtype, concept, value, units, flag in _finding_obx(finding):
             rows.append((vtype, _cwe(concept), str(n), value, units, flag))
-    for heading, paragraphs in _sections(narrative_sr) if narrative_sr is not None else []:
+    for heading, paragraphs in coded_narrative_sections(narrative_sr) if narrative_sr is not None else []:
         rows.append(("TX", _cwe(heading), "", "~".join(_escape(p) for p in paragraphs), "", ""))
     for seq, (vtype, ident, sub_id, value, units, flag) in enumerate(rows, start=1):
         segments.append(["OBX", str(seq), vtype, ident, sub_id, value, units, "", flag, "", "", status, "", "",
