@@ -29,6 +29,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SPINEMED_NODE__RECEIVE_SLOTS", "16")
 
 
+def wait_until(pred: Any, timeout: float, what: str) -> Any:
+    """Poll ``pred`` every 50 ms until it returns something truthy (returned), or raise TimeoutError(what)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := pred():
+            return v
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

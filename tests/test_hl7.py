@@ -19,7 +19,7 @@ from typing import Any
 import hl7
 import pydicom
 import pytest
-from conftest import free_port, storescu
+from conftest import free_port, storescu, wait_until
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
@@ -291,15 +291,6 @@ def _running(cfg: Any, pipeline: Pipeline) -> Iterator[ReceivingNode]:
         node.stop()
 
 
-def _wait(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if v := pred():
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(what)
-
-
 @pytest.mark.slow
 def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_reason(
         tmp_path: Path, receiver: Receiver, demo_model_dir: Path) -> None:
@@ -318,7 +309,7 @@ def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_rea
     with _running(cfg, Pipeline(cfg)) as node:
         st = make_lumbar_mr(tmp_path / "mr", slices=5, size=96, seed=31)
         assert storescu(node.receiver.port, list(st.paths)).returncode == 0
-        job = _wait(lambda: (j := node.store.by_study(st.study_instance_uid)).state is JobState.FAILED and j,
+        job = wait_until(lambda: (j := node.store.by_study(st.study_instance_uid)).state is JobState.FAILED and j,
                     180, "failed after the AE answers")
         assert job.reason == "delivery failed after 2 attempts: ris: HL7 AE: Unknown order"
         assert job.revision == 1
@@ -330,7 +321,7 @@ def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_rea
 
         receiver.ack, receiver.text = "AA", ""
         node.store.retry(job.id)
-        _wait(lambda: node.store.by_study(st.study_instance_uid).state is JobState.DONE, 60, "delivered")
+        wait_until(lambda: node.store.by_study(st.study_instance_uid).state is JobState.DONE, 60, "delivered")
     assert len(receiver.messages) == 3
     ids = {str(hl7.parse(m).segment("MSH")[10]) for m in receiver.messages}
     assert len(ids) == 3, "a new control id per attempt"

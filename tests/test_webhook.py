@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import free_port, storescu
+from conftest import free_port, storescu, wait_until
 
 from dicom_node.config import ConfigError, load_config
 from dicom_node.delivery.webhook import EVENT_HEADER, SIGNATURE_HEADER, WebhookNotifier, sign, verify
@@ -63,15 +62,6 @@ def hook() -> Iterator[Hook]:
     h.server.server_close()
 
 
-def _wait(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if v := pred():
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(what)
-
-
 def test_signature_verifies_only_the_signed_body_key_and_time() -> None:
     body = b'{"event":"study.done"}'
     header = sign(KEY.encode(), 1_800_000_000, body)
@@ -114,17 +104,17 @@ def test_an_ended_study_is_notified_signed_without_identifiers_and_waits_out_fai
         assert node.ops.webhook is not None
         st = make_lumbar_mr(tmp_path / "mr", slices=5, size=96, seed=41)
         assert storescu(node.receiver.port, list(st.paths)).returncode == 0
-        _wait(lambda: node.store.by_study(st.study_instance_uid).state is JobState.DONE, 120, "done")
+        wait_until(lambda: node.store.by_study(st.study_instance_uid).state is JobState.DONE, 120, "done")
 
         # no signing key: nothing leaves, the notification waits with the reason
         stats = node.ops.webhook.stats
-        _wait(lambda: stats.failures >= 1, 10, "a failure for the missing key")
+        wait_until(lambda: stats.failures >= 1, 10, "a failure for the missing key")
         assert hook.posts == [] and "SPINEMED_TEST_HOOK_KEY" in (stats.last_error or "")
         # the key set, the receiver failing once: retried, then accepted, every end event in order (a study
         # re-analysed after late instances ends twice: both are told)
         hook.statuses = [503]
         monkeypatch.setenv("SPINEMED_TEST_HOOK_KEY", KEY)
-        ends = _wait(lambda: (e := node.store.end_events(0)) and len(hook.accepted()) == len(e) and e, 20,
+        ends = wait_until(lambda: (e := node.store.end_events(0)) and len(hook.accepted()) == len(e) and e, 20,
                      "every end event accepted")
         assert [p[2] for p in hook.posts] == [503] + [200] * len(ends)
         assert hook.posts[0][0][EVENT_HEADER] == hook.posts[1][0][EVENT_HEADER], "the same event, sent again"
