@@ -160,7 +160,7 @@ def _job_dict(j: object) -> dict[str, object]:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.config import DestinationConfig
-    from dicom_node.delivery.cstore import echo
+    from dicom_node.delivery.dispatch import check
 
     config = _config(args)
     if args.host:
@@ -182,7 +182,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
             ]
     rc = 0
     for t in targets:
-        ok, msg = echo(t, calling_ae=config.node.ae_title)
+        ok, msg = check(t, calling_ae=config.node.ae_title)
         where = {"dicomweb": t.url, "fhir": t.url, "hl7": f"MLLP {t.host}:{t.port}"}.get(
             t.type, f"{t.ae_title}@{t.host}:{t.port}")
         print(f"{t.name} ({where}): {msg}")
@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(q)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("echo", help="C-ECHO the configured destinations (or --host/--port)")
+    p = sub.add_parser("echo", help="check the configured destinations answer: C-ECHO, MLLP connect, FHIR "
+                                    "metadata (or --host/--port: C-ECHO)")
     _add_config(p)
     p.add_argument("--destination", help="only this configured destination")
     p.add_argument("--host")

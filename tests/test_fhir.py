@@ -78,6 +78,15 @@ class FhirServer:
     def of_type(self, rtype: str) -> list[dict[str, Any]]:
         return [r for (t, _), r in self.stored.items() if t == rtype]
 
+    async def metadata(self, request: Request) -> Response:
+        self.headers.append(dict(request.headers))
+        if self.mode == "503":
+            return _outcome(503, "maintenance")
+        statement = {"resourceType": "CapabilityStatement", "status": "active", "date": "2026-12-04",
+                     "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"]}
+        get_fhir_model_class("CapabilityStatement").model_validate(statement)
+        return JSONResponse(statement, media_type=FHIR_JSON)
+
     async def transaction(self, request: Request) -> Response:
         self.headers.append(dict(request.headers))
         if request.headers.get("content-type") != FHIR_JSON:
@@ -135,7 +144,8 @@ def _outcome(code: int, diagnostics: str) -> Response:
 @pytest.fixture(scope="module")
 def server() -> Iterator[FhirServer]:
     fhir = FhirServer()
-    app = Starlette(routes=[Route("/fhir", fhir.transaction, methods=["POST"])])
+    app = Starlette(routes=[Route("/fhir", fhir.transaction, methods=["POST"]),
+                            Route("/fhir/metadata", fhir.metadata, methods=["GET"])])
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=uv.run, name="fhir-test-server", daemon=True)
@@ -462,3 +472,19 @@ def test_files_that_are_not_our_srs_fail_permanently_and_the_report_still_goes(
     fhir.reset()
     lone = send_files_fhir(_dest(fhir), [report.narrative], timeout_s=10)  # no measurement report
     assert not lone[0].delivered and lone[0].permanent and fhir.headers == []
+
+
+def test_check_reads_the_capability_statement_with_the_credentials(fhir: FhirServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``spinemed-node echo`` / ``doctor`` for a FHIR destination: GET metadata, with the token."""
+    from dicom_node.delivery.dispatch import check
+
+    monkeypatch.setenv("EHR_TOKEN_FOR_CHECK", "t0k3n-for-the-check")
+    ok, msg = check(_dest(fhir, token_env="EHR_TOKEN_FOR_CHECK"), calling_ae="SPINEMED", timeout_s=5)
+    assert ok and "fhirVersion 4.0.1" in msg
+    assert fhir.headers[-1]["authorization"] == "Bearer t0k3n-for-the-check"
+    fhir.mode = "503"
+    ok, msg = check(_dest(fhir, token_env="EHR_TOKEN_FOR_CHECK"), calling_ae="SPINEMED", timeout_s=5)
+    assert not ok and msg == "GET metadata: HTTP 503"
+    ok, msg = check(_dest(fhir, url=f"http://127.0.0.1:{free_port()}/fhir"), calling_ae="SPINEMED", timeout_s=5)
+    assert not ok and "cannot reach the FHIR server" in msg

@@ -27,7 +27,7 @@ from hl7apy.parser import parse_message
 from test_sr_support import CREATED_AT, lumbar_mr_case, scoliosis_case
 
 from dicom_node.config import DestinationConfig, load_config
-from dicom_node.delivery.dispatch import deliver
+from dicom_node.delivery.dispatch import check, deliver
 from dicom_node.delivery.hl7 import build_oru, parse_ack, send_files_hl7
 from dicom_node.devtools.phantoms import make_lumbar_mr
 from dicom_node.jobs.model import JobState
@@ -351,3 +351,12 @@ def test_render_message_prints_what_a_destination_would_be_sent(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-m", "dicom_node", "render-message", "hl7", str(paths[1])],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and "no measurement report" in out.stderr
+
+
+def test_check_connects_to_the_mllp_port_and_sends_nothing(receiver: Receiver) -> None:
+    """``spinemed-node echo`` / ``doctor`` for an HL7 destination."""
+    ok, msg = check(receiver.dest(), calling_ae="SPINEMED", timeout_s=5)
+    assert ok and "accepts connections" in msg and receiver.messages == []
+    closed = DestinationConfig(name="ris", type="hl7", host="127.0.0.1", port=free_port())
+    ok, msg = check(closed, calling_ae="SPINEMED", timeout_s=5)
+    assert not ok and "ConnectionRefusedError" in msg

@@ -580,3 +580,31 @@ def _send_report(
         diagnostics = diagnostics[: _DIAGNOSTICS_MAX - 1] + "…"
     log.warning("FHIR transaction refused", destination=dest.name, http_status=code, permanent=permanent)
     return all_failed(f"HTTP {code}: {diagnostics}".rstrip(": "), permanent)
+
+
+def probe_fhir(dest: DestinationConfig, *, timeout_s: float = 10.0,
+               transport: httpx.BaseTransport | None = None) -> tuple[bool, str]:
+    """``GET <base>/metadata`` with the destination's credentials: (ok, what the server said).
+
+    For ``spinemed-node echo`` and ``doctor``: ok when it answers a CapabilityStatement.
+    """
+    if dest.type != "fhir" or not dest.url:
+        return False, f"{dest.type} destination: not a FHIR destination"
+    headers, auth, secrets, problem = _auth(dest)
+    if problem is not None:
+        return False, problem
+    try:
+        with httpx.Client(timeout=timeout_s, transport=transport, auth=auth, follow_redirects=False) as client:
+            response = client.get(dest.url.rstrip("/") + "/metadata",
+                                  headers={**headers, "Accept": "application/fhir+json"})
+    except httpx.HTTPError as exc:
+        return False, _scrub(f"cannot reach the FHIR server: {type(exc).__name__}: {exc}", secrets)[:300]
+    if response.status_code != 200:
+        return False, f"GET metadata: HTTP {response.status_code}"
+    try:
+        body = response.json()
+    except ValueError:
+        return False, "GET metadata: not JSON"
+    if not isinstance(body, dict) or body.get("resourceType") != "CapabilityStatement":
+        return False, "GET metadata: not a CapabilityStatement"
+    return True, f"FHIR server answers (CapabilityStatement, fhirVersion {body.get('fhirVersion', '?')})"

@@ -350,3 +350,14 @@ def send_files_hl7(dest: DestinationConfig, paths: Sequence[Path], *, timeout_s:
         return outcome(False, f"HL7 {ack.code}{why}"[:500])
     log.info("hl7 message accepted", destination=dest.name, objects=len(paths))
     return outcome(True, None)
+
+
+def probe_hl7(dest: DestinationConfig, *, timeout_s: float = 10.0) -> tuple[bool, str]:
+    """Whether the MLLP port accepts a connection (for ``spinemed-node echo`` and ``doctor``); sends nothing."""
+    if dest.type != "hl7" or dest.host is None or dest.port is None:
+        return False, f"{dest.type} destination: not an HL7 destination"
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=timeout_s):
+            return True, "MLLP port accepts connections (no message sent)"
+    except OSError as exc:
+        return False, f"cannot connect: {type(exc).__name__}: {exc}"[:300]

@@ -154,16 +154,14 @@ def _tls(config: NodeConfig) -> list[CheckResult]:
 
 
 def _destinations(config: NodeConfig) -> list[CheckResult]:
-    from dicom_node.delivery.cstore import echo
+    from dicom_node.delivery.dispatch import check
 
     out = []
     calling = config.export.calling_ae_title or config.node.ae_title
     for d in config.destinations:
-        if d.type != "dicom":
-            out.append(CheckResult(f"destination:{d.name}", "OK", f"dicomweb {d.url}: not checked by C-ECHO"))
-            continue
-        ok, msg = echo(d, calling_ae=calling, timeout_s=5.0)
-        where = f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+        ok, msg = check(d, calling_ae=calling, timeout_s=5.0)
+        where = {"dicomweb": f"dicomweb {d.url}", "fhir": f"fhir {d.url}", "hl7": f"hl7 MLLP {d.host}:{d.port}"}.get(
+            d.type, f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}")
         out.append(CheckResult(f"destination:{d.name}", "OK" if ok else "FAIL", f"{where}: {msg}"))
     if not config.destinations:
         out.append(CheckResult("destinations", "WARN", "none configured: results stay in data_dir/outputs"))
