@@ -272,5 +272,22 @@ def test_wrong_called_ae_rejected(node: ReceivingNode) -> None:
     assert assoc.is_rejected
 
 
+def test_our_scu_names_the_peers_rejection_and_a_closed_port(node: ReceivingNode) -> None:
+    """Export and echo say why an association failed: the A-ASSOCIATE-RJ's reason, read from the PDU
+    (pynetdicom may call a rejection followed at once by the peer's close 'aborted'), or no connection."""
+    from dicom_node.config import DestinationConfig
+    from dicom_node.delivery.cstore import echo
+
+    wrong = DestinationConfig(name="pacs", type="dicom", ae_title="NOTUS", host="127.0.0.1", port=node.receiver.port)
+    for _ in range(5):
+        ok, why = echo(wrong, calling_ae="EXPORT", timeout_s=5)
+        assert not ok
+        assert why == ("association rejected by pacs (Rejected Permanent, source: Service User, "
+                       "reason: Called AE title not recognised)")
+    closed = DestinationConfig(name="pacs", type="dicom", ae_title="X", host="127.0.0.1", port=free_port())
+    ok, why = echo(closed, calling_ae="EXPORT", timeout_s=2)
+    assert (ok, why) == (False, "pacs unreachable (connection refused or not answered within 2 s)")
+
+
 def test_port_zero_binds_free_port() -> None:
     assert free_port() > 0

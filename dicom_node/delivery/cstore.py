@@ -16,7 +16,7 @@ from pynetdicom import AE, build_context
 
 from dicom_node.config import DestinationConfig
 from dicom_node.delivery.result import SendResult, status_is_permanent
-from dicom_node.network.association import STATUS_SUCCESS, WARNING_STATUSES, nodelay_handlers
+from dicom_node.network.association import STATUS_SUCCESS, WARNING_STATUSES, RequestWatch, nodelay_handlers
 from dicom_node.network.tls import client_tls_args
 
 __all__ = ["echo", "send_files"]
@@ -27,6 +27,7 @@ def _ae(calling_ae: str, timeout_s: float) -> AE:
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s  # else a dead host holds the worker for the OS TCP timeout (minutes)
     return ae
 
 
@@ -44,19 +45,18 @@ def send_files(
         ae.requested_contexts.append(
             build_context(sop_class, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
         )
+    watch = RequestWatch()
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers(),
-                             tls_args=client_tls_args(dest))
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             evt_handlers=[*nodelay_handlers(), *watch.handlers()], tls_args=client_tls_args(dest))
     except (OSError, RuntimeError, ValueError) as exc:
         return [
             SendResult(p, str(ds.SOPInstanceUID), False, None, f"cannot associate: {exc}")
             for p, ds in datasets
         ]
     if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return [
-            SendResult(p, str(ds.SOPInstanceUID), False, None, f"{why} by {dest.name}") for p, ds in datasets
-        ]
+        why = watch.why_not(assoc, dest.name)
+        return [SendResult(p, str(ds.SOPInstanceUID), False, None, why) for p, ds in datasets]
     results: list[SendResult] = []
     try:
         for path, ds in datasets:
@@ -92,13 +92,14 @@ def echo(dest: DestinationConfig, *, calling_ae: str, timeout_s: float = 10.0) -
     assert dest.host is not None and dest.port is not None and dest.ae_title is not None
     ae = _ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
+    watch = RequestWatch()
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=nodelay_handlers(),
-                             tls_args=client_tls_args(dest))
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             evt_handlers=[*nodelay_handlers(), *watch.handlers()], tls_args=client_tls_args(dest))
     except (OSError, RuntimeError, ValueError) as exc:
         return False, f"cannot associate: {exc}"
     if not assoc.is_established:
-        return False, "association rejected" if assoc.is_rejected else "peer unreachable or aborted"
+        return False, watch.why_not(assoc, dest.name)
     try:
         status = assoc.send_c_echo()
         code = int(status.Status) if status is not None and "Status" in status else None

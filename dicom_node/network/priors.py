@@ -43,7 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node.config import DestinationConfig
 from dicom_node.errors import NodeError
-from dicom_node.network.association import STATUS_SUCCESS, nodelay_handlers
+from dicom_node.network.association import STATUS_SUCCESS, RequestWatch, nodelay_handlers
 from dicom_node.network.tls import client_tls_args
 
 __all__ = ["PriorStudy", "PriorsError", "fetch_prior_reports", "find_prior_studies"]
@@ -185,33 +185,16 @@ def _associate(ae: AE, peer: DestinationConfig, what: str, *, ext_neg: list[Any]
                handlers: list[Any] | None = None) -> Association:
     """An established association to ``peer``, or :class:`PriorsError` saying why not."""
     host, port, called = _check_peer(peer)
-    seen: set[str] = set()
-
-    def _saw(event: Any) -> None:
-        seen.add(event.event.name)
-
-    watch = [(evt.EVT_CONN_OPEN, _saw), (evt.EVT_ACCEPTED, _saw)]
+    watch = RequestWatch()
     try:
         assoc = ae.associate(host, port, ae_title=called, ext_neg=ext_neg,
-                             evt_handlers=[*nodelay_handlers(), *watch, *(handlers or [])],
+                             evt_handlers=[*nodelay_handlers(), *watch.handlers(), *(handlers or [])],
                              tls_args=client_tls_args(peer))
     except (OSError, RuntimeError, ValueError) as exc:
         raise PriorsError(f"{what}: cannot associate with {peer.name}: {exc}") from exc
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        detail = ""
-        if rsp is not None:
-            detail = f" ({rsp.result_str}, source: {rsp.source_str}, reason: {rsp.reason_str})"
-        raise PriorsError(f"{what}: association rejected by {peer.name}{detail}")
-    if "EVT_CONN_OPEN" not in seen:
-        raise PriorsError(f"{what}: {peer.name} unreachable (connection refused or not answered within "
-                          f"{ae.connection_timeout or 0:g} s)")
-    if "EVT_ACCEPTED" in seen:
-        raise PriorsError(f"{what}: {peer.name} accepted none of our presentation contexts")
-    raise PriorsError(f"{what}: association with {peer.name} aborted or not answered within "
-                      f"{ae.acse_timeout or 0:g} s")
+    raise PriorsError(f"{what}: {watch.why_not(assoc, peer.name)}")
 
 
 def _require_context(assoc: Association, sop_class: str, what: str, peer: DestinationConfig,
