@@ -40,6 +40,7 @@ __all__ = [
     "NodeConfig",
     "NodeSection",
     "OutputConfig",
+    "PriorsConfig",
     "RoutingConfig",
     "RoutingRule",
     "WorkerConfig",
@@ -310,6 +311,20 @@ class NotifyConfig(_Section):
         return self
 
 
+class PriorsConfig(_Section):
+    """``[priors]``: compare each study with the patient's last one on the site's PACS.
+
+    The PACS is a ``[[destinations]]`` entry of type ``dicom`` named by ``source``; it must know our AE
+    title and allow C-FIND and C-GET (docs/priors.md).  A prior that cannot be found or fetched never
+    holds a report back: the report is made without comparison and says why.
+    """
+
+    source: str | None = Field(default=None, description="name of a dicom destination to query; unset: off")
+    max_count: int = Field(default=3, ge=1, le=20, description="earlier studies looked at, newest first")
+    max_age_days: int = Field(default=1825, ge=1, description="how far back a prior may be")
+    timeout_s: float = Field(default=30.0, gt=0, description="TCP connect, ACSE and DIMSE timeout")
+
+
 class CodeSpec(_Section):
     """One coded concept of a site's terminology: ``{ scheme = "SCT", value = "...", meaning = "..." }``."""
 
@@ -381,6 +396,7 @@ class NodeConfig(BaseSettings):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    priors: PriorsConfig = Field(default_factory=PriorsConfig)
     model: ModelSettings = Field(default_factory=ModelSettings)
     output: OutputConfig = Field(default_factory=OutputConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
@@ -411,7 +427,19 @@ class NodeConfig(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destinations: duplicate name(s) {', '.join(dupes)}")
+        if self.priors.source is not None:
+            source = next((d for d in self.destinations if d.name == self.priors.source), None)
+            if source is None:
+                raise ValueError(f"priors.source: no destination named {self.priors.source!r}")
+            if source.type != "dicom":
+                raise ValueError(f"priors.source: {source.name!r} is a {source.type} destination; "
+                                 "priors are queried over DICOM (C-FIND, C-GET)")
         return self
+
+    @property
+    def priors_source(self) -> DestinationConfig | None:
+        """The ``[priors] source`` destination, or ``None`` when comparison with priors is off."""
+        return next((d for d in self.destinations if d.name == self.priors.source), None)
 
     # ------------------------------------------------------------------ derived paths
     @property

@@ -77,6 +77,7 @@ def generate() -> tuple[str, list[str]]:
     out += _table("Laterality", "Laterality", ((k.value, v) for k, v in c.LATERALITY_CODES.items()), cids, missing)
     out += _table("Measurements (units UCUM: `deg`, `%`, `mm`)", "MeasurementType",
                   ((k.value, v) for k, v in c._DEFAULTS[2].items()), cids, missing)
+    out += _table("Change since the prior study", "ChangeKind", c.CHANGE_CODES.items(), cids, missing)
     out += _table("Procedure reported", "Modality / region",
                   ((f"{k} {r}", v) for (k, r), v in c._DEFAULTS[3].items()), cids, missing)
     rows = []

@@ -22,10 +22,12 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName
 
+from inference.comparison import Comparison, PriorReport, comparison_lines
 from inference.findings import LevelFinding, SpineFindings, level_sort_key
 from inference.study import Study
 from sr_templates import uids
 from sr_templates.codes import SpineCodes, coding_scheme_identification, procedure_code, spine_region
+from sr_templates.comparison import comparison_items
 from sr_templates.errors import ReportBuildError
 from sr_templates.evidence import ResolvedEvidence, SourceIndex, requested_procedures
 from sr_templates.key_image import SpineKeyImage, choose_key_image
@@ -255,6 +257,7 @@ def build_outputs(
     revision: int = 1,
     predecessors: Sequence[pydicom.Dataset] = (),
     created_at: datetime.datetime | None = None,
+    comparison: Comparison | None = None,
 ) -> list[pydicom.Dataset]:
     """Build the SpineMed result objects for one study.
 
@@ -274,6 +277,10 @@ def build_outputs(
     created_at
         Timestamp written as content / instance creation date and time; ``None`` → now.  Give the
         job's first build time to make rebuilds byte-identical.
+    comparison
+        The comparison with the patient's prior study (:mod:`inference.comparison`), or why there is
+        none; ``None`` when priors are not configured.  The TID 1500 SR codes each change and
+        references the prior SR (Pertinent Other Evidence); the narrative's follow-up section states it.
 
     Returns
     -------
@@ -292,8 +299,10 @@ def build_outputs(
         The arguments were valid but building refused the content (highdicom's checks); a ``ValueError``.
     """
     _check_arguments(study, findings, options, revision, predecessors, created_at)
+    if comparison is not None and not isinstance(comparison, Comparison):
+        raise TypeError(f"comparison: expected Comparison or None, got {type(comparison).__name__}")
     try:
-        return _build(study, findings, options, revision, predecessors, created_at)
+        return _build(study, findings, options, revision, predecessors, created_at, comparison)
     except (ValueError, TypeError) as exc:
         raise ReportBuildError(str(exc)) from exc
 
@@ -305,6 +314,7 @@ def _build(
     revision: int,
     predecessors: Sequence[pydicom.Dataset],
     created_at: datetime.datetime | None,
+    comparison: Comparison | None = None,
 ) -> list[pydicom.Dataset]:
     when = created_at or datetime.datetime.now()
     prefix = options.uid_prefix
@@ -313,12 +323,16 @@ def _build(
     resolved = [[index.resolve(e) for e in f.evidence] for f in levels]
     demo = findings.model.demo
 
-    digest = uids.content_digest(
+    digest_parts: list[object] = [
         findings.model_dump(mode="json"),
         asdict(options),
         revision,
         sorted(str(p.SOPInstanceUID) for p in predecessors),
-    )
+    ]
+    if comparison is not None:  # (without priors the UIDs stay what they were)
+        prior_uid = comparison.prior.sop_instance_uid if comparison.prior is not None else None
+        digest_parts.append([comparison_lines(comparison), prior_uid])
+    digest = uids.content_digest(*digest_parts)
     series_uid = uids.output_series_uid(study.study_instance_uid, prefix)
     key_series_uid = uids.output_series_uid(study.study_instance_uid, prefix, kind="key-image")
     first_instance = 2 * (revision - 1) + 1  # the two SRs of each revision, in the SR series
@@ -371,6 +385,16 @@ def _build(
             if choice.sop_instance_uid not in referenced:
                 evidence.append(index.header(choice.sop_instance_uid))
 
+    # comparison with the prior study
+    follow_up: list[str] = []
+    compared: list[hd.sr.ContentItem] = []
+    prior_evidence: list[pydicom.Dataset] = []
+    if comparison is not None:
+        follow_up = comparison_lines(comparison)
+        compared = comparison_items(comparison, follow_up[1:] if comparison.prior is not None else [])
+        if comparison.prior is not None:
+            prior_evidence.append(_prior_reference(comparison.prior))
+
     # TID 1500
     algorithm = algorithm_identification(findings.model)
     groups, evaluations = _measurement_groups(study.study_instance_uid, levels, resolved, algorithm, prefix)
@@ -383,6 +407,7 @@ def _build(
         groups=groups,
         evaluations=evaluations,
         demo=demo,
+        comparison=compared,
     )
     sr_kwargs: dict[str, object] = {
         "series_instance_uid": series_uid,
@@ -400,7 +425,7 @@ def _build(
         **common,
     }
     measurement_sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=[*evidence, *prior_evidence],
         content=report,
         sop_instance_uid=uids.sop_instance_uid(
             "measurement-report", study.study_instance_uid, findings.model, revision, digest, prefix
@@ -418,10 +443,12 @@ def _build(
         report=findings.answer.report,
         observation_context=_observation_context(findings, options),
         level_summaries=level_summaries,
+        follow_up_lines=follow_up,
         key_image=key_image,
         demo=demo,
     )
-    narrative_evidence = [*evidence, key_image] if key_image is not None else evidence
+    narrative_evidence = [*evidence, key_image] if key_image is not None else [*evidence]
+    narrative_evidence += prior_evidence
     narrative_sr = hd.sr.EnhancedSR(
         evidence=narrative_evidence,
         content=narrative,
@@ -523,6 +550,16 @@ def _pdf_report(
     document.ContributingEquipmentSequence = _contributing_equipment(findings, options, when)
     _fix_times(document, when)
     return document
+
+
+def _prior_reference(prior: PriorReport) -> pydicom.Dataset:
+    """The header of our SR of the prior study, as highdicom needs it for the evidence sequences."""
+    ds = pydicom.Dataset()
+    ds.StudyInstanceUID = prior.study_instance_uid
+    ds.SeriesInstanceUID = prior.series_instance_uid
+    ds.SOPClassUID = prior.sop_class_uid
+    ds.SOPInstanceUID = prior.sop_instance_uid
+    return ds
 
 
 def _series_description(base: str, demo: bool) -> str:

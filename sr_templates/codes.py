@@ -31,6 +31,7 @@ from inference.findings import (
 )
 
 __all__ = [
+    "CHANGE_CODES",
     "FINDING_CODES",
     "LATERALITY_CODES",
     "MEASUREMENT_CODES",
@@ -125,6 +126,17 @@ class SpineCodes:
     NO_IMAGE_EVIDENCE = private_code("LOC-NOIMAGE", "No supporting image given by the algorithm")
     TRANSITIONAL = private_code("TRANSITIONAL", "Transitional vertebral anatomy")
     DEMO_WARNING = private_code("DEMO", "Demo model output - not for clinical use")
+
+    # --- comparison with a prior study (sr_templates.comparison)
+    PREVIOUS_FINDING = codes.DCM.PreviousFinding  # 121069 (CID 7002)
+    INTERVAL = codes.SCT.Interval  # 385673002
+    STUDY_INSTANCE_UID = codes.DCM.StudyInstanceUID  # 110180
+    STUDY_DATE = codes.DCM.StudyDate  # 111060
+    SOURCE_OF_MEASUREMENT = codes.DCM.SourceOfMeasurement  # 121112 (CID 7003): the prior SR read
+    DAYS = codes.UCUM.Day  # d
+    CHANGE_SINCE_PRIOR = private_code("CHANGE", "Change since prior study")
+    DIFFERENCE_FROM_PRIOR = private_code("CHANGE-VALUE", "Difference from prior study")
+    NOT_SEEN = private_code("NOT-SEEN", "Reported in the prior study, not seen now")
 
     # --- narrative report (TID 2000-like)
     DIAGNOSTIC_IMAGING_REPORT = codes.LN.DiagnosticImagingReport  # 18748-4
@@ -257,6 +269,19 @@ SEVERITY_CODES: Mapping[Severity, Code] = MappingProxyType(
 _ROMAN = ("I", "II", "III", "IV", "V")
 MEYERDING_GRADE_CODES: Mapping[int, Code] = MappingProxyType(
     {g: private_code(f"MEYERDING-{g}", f"Meyerding grade {_ROMAN[g - 1]}") for g in range(1, 6)}
+)
+
+#: What changed since the prior study (:class:`inference.comparison.ChangeKind`): PS3.16 CID 6002 "Change
+#: Since Last Mammogram or Prior Surgery" holds the general SNOMED CT change findings; a finding of the prior
+#: not seen now has no concept there.
+CHANGE_CODES: Mapping[str, Code] = MappingProxyType(
+    {
+        "new": codes.SCT.NewFinding,  # 129721008
+        "increased": codes.SCT.IncreaseInSize,  # 15454001
+        "decreased": codes.SCT.DecreaseInSize,  # 19776001
+        "unchanged": codes.SCT.NoSignificantChangesInTheFinding,  # 129723006
+        "not_seen": SpineCodes.NOT_SEEN,
+    }
 )
 
 #: Laterality codes; ``CENTRAL`` is not a laterality and is coded as a topographical modifier.

@@ -368,6 +368,9 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
         One :class:`SpineLevelEvaluation` per finding without a region, cranio-caudal.
     demo
         True when the findings come from the demo model: adds a "not for diagnostic use" statement.
+    comparison
+        The comparison with the prior study (:func:`sr_templates.comparison.comparison_items`): one
+        change item per compared finding, or the comment saying why there is none.
 
     Raises
     ------
@@ -386,6 +389,7 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
         evaluations: Sequence[SpineLevelEvaluation] = (),
         *,
         demo: bool = False,
+        comparison: Sequence[hd.sr.ContentItem] = (),
     ) -> None:
         if not isinstance(observation_context, hd.sr.ObservationContext):
             raise TypeError(
@@ -399,6 +403,8 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
             raise TypeError("evaluations: expected a sequence of SpineLevelEvaluation")
         if not isinstance(demo, bool):
             raise TypeError(f"demo: expected bool, got {type(demo).__name__}")
+        if not isinstance(comparison, Sequence) or any(not isinstance(c, hd.sr.ContentItem) for c in comparison):
+            raise TypeError("comparison: expected a sequence of content items")
         if not groups and not evaluations:
             raise ValueError("groups: a report needs at least one group or evaluation")
         for name, seq in (("groups", groups), ("evaluations", evaluations)):
@@ -423,11 +429,11 @@ class SpineMeasurementReport(hd.sr.MeasurementReport):
             content = self[0].ContentSequence
             assert content[-1].ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
             del content[-1]
-        if evaluations or demo:
+        if evaluations or demo or comparison:
             container = hd.sr.ContainerContentItem(
                 name=SpineCodes.QUALITATIVE_EVALUATIONS, relationship_type=_REL.CONTAINS
             )
-            items: list[hd.sr.ContentItem] = list(evaluations)
+            items: list[hd.sr.ContentItem] = [*evaluations, *comparison]
             if demo:
                 items.append(
                     hd.sr.TextContentItem(name=SpineCodes.COMMENT, value=DEMO_TEXT, relationship_type=_REL.CONTAINS)

@@ -10,6 +10,7 @@ Content tree::
       CONTAINS CONTAINER (121074, DCM, "Recommendations")   TEXT (121075, DCM, "Recommendation")
       CONTAINS CONTAINER (SEC-RISK-PROGNOSIS, 99SPINEMED, "Risk and prognosis")       TEXT
       CONTAINS CONTAINER (SEC-FOLLOW-UP, 99SPINEMED, "Follow-up and post-operative management") TEXT
+                                                            (+ the comparison with the prior study)
       CONTAINS CONTAINER (SEC-DIAGNOSTIC-BASIS, 99SPINEMED, "Diagnostic basis")       TEXT
       CONTAINS CONTAINER (121180, DCM, "Key Images")        IMAGE (113000, DCM, "Of Interest")
       CONTAINS TEXT (121106, DCM, "Comment") = demo warning                  demo model only
@@ -47,6 +48,8 @@ class SpineNarrativeReport(Template):
         Observer context (the algorithm as device observer).
     level_summaries
         One short line per reported level, appended to the Findings section.
+    follow_up_lines
+        The comparison with the prior study (or why there is none), appended to the follow-up section.
     key_image
         The key image to reference in a Key Images section, or ``None``.
     demo
@@ -64,6 +67,7 @@ class SpineNarrativeReport(Template):
         observation_context: hd.sr.ObservationContext,
         level_summaries: Sequence[str] = (),
         *,
+        follow_up_lines: Sequence[str] = (),
         key_image: pydicom.Dataset | None = None,
         demo: bool = False,
     ) -> None:
@@ -75,6 +79,8 @@ class SpineNarrativeReport(Template):
             )
         if isinstance(level_summaries, str) or any(not isinstance(s, str) for s in level_summaries):
             raise TypeError("level_summaries: expected a sequence of str")
+        if isinstance(follow_up_lines, str) or any(not isinstance(s, str) for s in follow_up_lines):
+            raise TypeError("follow_up_lines: expected a sequence of str")
         if key_image is not None and not isinstance(key_image, pydicom.Dataset):
             raise TypeError(f"key_image: expected a pydicom Dataset or None, got {type(key_image).__name__}")
         if not isinstance(demo, bool):
@@ -88,6 +94,8 @@ class SpineNarrativeReport(Template):
             texts = [text]
             if field == "findings":
                 texts.extend(level_summaries)
+            if field == "follow_up":
+                texts.extend(follow_up_lines)
             section.ContentSequence = hd.sr.ContentSequence(
                 [hd.sr.TextContentItem(name=concept, value=text_value(t), relationship_type=_REL.CONTAINS)
                  for t in texts]

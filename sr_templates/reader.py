@@ -19,10 +19,12 @@ from inference.findings import (
     FindingType,
     Laterality,
     Measurement,
+    MeasurementType,
     Severity,
     level_sort_key,
 )
 from sr_templates.codes import (
+    CHANGE_CODES,
     LATERALITY_CODES,
     MEYERDING_GRADE_CODES,
     SEVERITY_CODES,
@@ -33,7 +35,7 @@ from sr_templates.codes import (
 )
 from sr_templates.text import DEMO_TEXT
 
-__all__ = ["ReadBack", "ReadEvidence", "ReadFinding", "ReadGroup", "read_measurement_report"]
+__all__ = ["ReadBack", "ReadChange", "ReadEvidence", "ReadFinding", "ReadGroup", "read_measurement_report"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,25 @@ class ReadGroup:
 
 
 @dataclass(frozen=True)
+class ReadChange:
+    """One change since the prior study (:class:`sr_templates.comparison.SpineLevelChange`), read back.
+
+    ``measurements`` holds ``(type, value now, difference, value then)`` per compared measurement.
+    """
+
+    kind: str
+    level: str
+    finding: FindingType
+    laterality: Laterality | None
+    measurements: tuple[tuple[MeasurementType, float, float, float | None], ...]
+    interval_days: int | None
+    prior_study_instance_uid: str | None
+    prior_study_date: str | None
+    prior_sr_instance_uid: str | None
+    comment: str
+
+
+@dataclass(frozen=True)
 class ReadBack:
     """A SpineMed measurement report, read back."""
 
@@ -93,10 +114,14 @@ class ReadBack:
     groups: tuple[ReadGroup, ...]
     demo: bool
     findings: tuple[ReadFinding, ...] = field(default=())
+    #: the comparison with the prior study: its changes, or (empty) the comment saying why there is none
+    changes: tuple[ReadChange, ...] = field(default=())
+    comparison_comment: str | None = None
 
 
 _SEVERITY: dict[tuple[str, str], Severity] = {(c.scheme_designator, c.value): k for k, c in SEVERITY_CODES.items()}
 _GRADE: dict[tuple[str, str], int] = {(c.scheme_designator, c.value): k for k, c in MEYERDING_GRADE_CODES.items()}
+_CHANGE: dict[tuple[str, str], str] = {(c.scheme_designator, c.value): k for k, c in CHANGE_CODES.items()}
 _LATERALITY: dict[tuple[str, str], Laterality] = {
     (c.scheme_designator, c.value): k for k, c in LATERALITY_CODES.items()
 }
@@ -222,12 +247,20 @@ def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
     procedures: list[hd.sr.CodedConcept] = []
     demo = False
     evaluations: list[pydicom.Dataset] = []
+    changes: list[ReadChange] = []
+    comparison_comment: str | None = None
     for item in sr.content[0].ContentSequence:
         if item.ValueType == "CODE" and _key(item) == ("DCM", "121058"):
             procedures.append(hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0]))
         if item.ValueType == "CONTAINER" and _is(item, SpineCodes.QUALITATIVE_EVALUATIONS):
             demo = demo or any(getattr(c, "TextValue", "") == DEMO_TEXT for c in item.ContentSequence)
-            evaluations.extend(c for c in item.ContentSequence if c.ValueType == "CODE")
+            for c in item.ContentSequence:
+                if c.ValueType == "CODE" and _is(c, SpineCodes.CHANGE_SINCE_PRIOR):
+                    changes.append(_read_change(c))
+                elif c.ValueType == "CODE":
+                    evaluations.append(c)
+                elif c.ValueType == "TEXT" and str(c.TextValue).startswith("Comparison with prior studies"):
+                    comparison_comment = str(c.TextValue)
 
     groups: list[ReadGroup] = []
     merged: dict[tuple[str, str], int] = {}
@@ -246,7 +279,51 @@ def read_measurement_report(dataset: pydicom.Dataset) -> ReadBack:
     evaluated = [_read_evaluation(item) for item in evaluations]
     groups.sort(key=lambda g: level_sort_key(g.level))
     all_findings = sorted([*(f for g in groups for f in g.findings), *evaluated], key=lambda f: level_sort_key(f.level))
-    return ReadBack(tuple(procedures), device_uid, device_name, tuple(groups), demo, tuple(all_findings))
+    return ReadBack(tuple(procedures), device_uid, device_name, tuple(groups), demo, tuple(all_findings),
+                    tuple(changes), comparison_comment)
+
+
+def _read_change(item: pydicom.Dataset) -> ReadChange:
+    kind = _CHANGE[_key(item, "ConceptCodeSequence")]
+    finding: FindingType | None = None
+    level = ""
+    laterality: Laterality | None = None
+    now: dict[MeasurementType, tuple[float, float]] = {}
+    then: dict[MeasurementType, float] = {}
+    interval: int | None = None
+    study_uid = study_date = sr_uid = None
+    comment = ""
+    for child in item.get("ContentSequence", []):
+        vt = child.ValueType
+        if vt == "CODE" and _is(child, SpineCodes.FINDING):
+            finding = finding_for_code(hd.sr.CodedConcept.from_dataset(child.ConceptCodeSequence[0]))
+        elif vt == "CODE" and _is(child, SpineCodes.FINDING_SITE):
+            site = hd.sr.FindingSite.from_dataset(child)
+            level, laterality = level_for_code(site.value), _laterality(site)
+        elif vt == "NUM" and _is(child, SpineCodes.INTERVAL):
+            interval = int(float(child.MeasuredValueSequence[0].NumericValue))
+        elif vt == "NUM":
+            mtype = measurement_for_code(hd.sr.CodedConcept.from_dataset(child.ConceptNameCodeSequence[0]))
+            diff = next(float(d.MeasuredValueSequence[0].NumericValue) for d in child.ContentSequence
+                        if _is(d, SpineCodes.DIFFERENCE_FROM_PRIOR))
+            now[mtype] = (float(child.MeasuredValueSequence[0].NumericValue), diff)
+        elif vt == "CODE" and _is(child, SpineCodes.PREVIOUS_FINDING):
+            for d in child.get("ContentSequence", []):
+                if d.ValueType == "NUM":
+                    mtype = measurement_for_code(hd.sr.CodedConcept.from_dataset(d.ConceptNameCodeSequence[0]))
+                    then[mtype] = float(d.MeasuredValueSequence[0].NumericValue)
+                elif d.ValueType == "UIDREF":
+                    study_uid = str(d.UID)
+                elif d.ValueType == "DATE":
+                    study_date = str(d.Date)
+                elif d.ValueType == "COMPOSITE":
+                    sr_uid = str(d.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif vt == "TEXT":
+            comment = str(child.TextValue)
+    if finding is None or not level:
+        raise ValueError("dataset: a change since the prior study without finding or finding site")
+    measured = tuple((t, v, d, then.get(t)) for t, (v, d) in now.items())
+    return ReadChange(kind, level, finding, laterality, measured, interval, study_uid, study_date, sr_uid, comment)
 
 
 def _group_text(group: hd.sr.templates.Template) -> tuple[str, str, str, tuple[str, ...]]:

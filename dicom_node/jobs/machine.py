@@ -314,11 +314,13 @@ class SQLJobStore:
         outputs: Sequence[OutputRecord],
         destinations: Sequence[str],
         kinds: Mapping[str, frozenset[str]] | None = None,
+        note: str | None = None,
     ) -> Job:
         """Record the written result objects and their pending deliveries, and move to exporting.
 
         ``kinds`` limits a destination to the output kinds it takes (an HL7 or FHIR destination: the two
-        SRs); a destination absent from it takes every object.
+        SRs); a destination absent from it takes every object.  ``note`` is added to the job's event (e.g.
+        why the report has no comparison with a prior study).
         """
         now = time.time()
         with self._tx() as cur:
@@ -341,7 +343,8 @@ class SQLJobStore:
             timings[str(JobState.EXPORTING)] = now
             self._x(cur, "UPDATE jobs SET state = ?, revision = ?, updated_at = ?, next_attempt_at = NULL, "
                     "timings = ? WHERE id = ?", (JobState.EXPORTING, revision, now, self._json(timings), job_id))
-            self._event(cur, job.study_instance_uid, job.state, JobState.EXPORTING, f"revision {revision}")
+            detail = f"revision {revision}" + (f"; {note}" if note else "")
+            self._event(cur, job.study_instance_uid, job.state, JobState.EXPORTING, detail[:1000])
             return self._job(cur, job_id)
 
     def record_delivery(

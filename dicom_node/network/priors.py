@@ -46,7 +46,7 @@ from dicom_node.errors import NodeError
 from dicom_node.network.association import STATUS_SUCCESS, RequestWatch, nodelay_handlers
 from dicom_node.network.tls import client_tls_args
 
-__all__ = ["PriorStudy", "PriorsError", "fetch_prior_reports", "find_prior_studies"]
+__all__ = ["PriorStudy", "PriorsError", "fetch_prior_reports", "find_prior_studies", "study_region"]
 
 #: C-FIND / C-GET pending statuses (PS3.4 C.4.1.1.4, C.4.3.1.4).
 _PENDING = frozenset({0xFF00, 0xFF01})
@@ -152,6 +152,18 @@ def _regions(body_parts: tuple[str, ...], description: str) -> frozenset[str]:
         if pattern.search(description):
             found.add(name)
     return frozenset(found)
+
+
+def study_region(body_parts: tuple[str, ...], description: str) -> str | None:
+    """The region of a study for :func:`find_prior_studies`: the one region its body parts and description
+    name, ``"whole"`` for the whole spine or several regions, ``None`` when they name none."""
+    shown = _regions(tuple(p.strip().upper() for p in body_parts if p.strip()), description)
+    if not shown:
+        return None
+    if len(shown) > 1 or "whole" in shown:
+        return "whole"
+    (only,) = shown
+    return only
 
 
 def _region_matches(region: str | None, shown: frozenset[str]) -> bool:

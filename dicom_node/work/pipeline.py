@@ -1,7 +1,8 @@
 """The pipeline, composed in one visible place:
 
     screen (inference.screening: undecodable instances left out, with reasons) → select (routing rules)
-    → preprocess (inference.preprocess) → predict (a SpineModel backend) → report (sr_templates)
+    → preprocess (inference.preprocess; the prior's findings as clinical context) → predict (a SpineModel
+    backend) → compare (inference.comparison, with the prior the worker looked up) → report (sr_templates)
     → [export: the worker, durable and retried]
 
 Each stage is a plain function with typed inputs and outputs.  ``spinemed-node analyze`` runs the
@@ -27,6 +28,8 @@ from inference.screening import Exclusion, screen_study
 from inference.study import Study
 
 if TYPE_CHECKING:
+    from dicom_node.work.priors import PriorLookup
+    from inference.comparison import Comparison
     from inference.findings import SpineFindings
     from inference.inputs import SpineModel
     from sr_templates import OutputOptions
@@ -47,6 +50,8 @@ class Outcome:
     #: instances left out before the model (undecodable pixels), each with its reason
     excluded: tuple[Exclusion, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the comparison with the prior study (``None``: priors not configured)
+    comparison: Comparison | None = None
 
 
 def describe_exclusions(excluded: Sequence[Exclusion]) -> str:
@@ -148,14 +153,23 @@ class Pipeline:
     def select(self, study: Study) -> Selection:
         return select_series(study, self.config.routing.rules)
 
-    def run(self, study: Study, *, revision: int = 1, predecessors: Sequence[Dataset] = ()) -> Outcome:
+    def run(self, study: Study, *, revision: int = 1, predecessors: Sequence[Dataset] = (),
+            prior: PriorLookup | None = None) -> Outcome:
         """Run every stage but export.
+
+        ``prior`` (from :func:`dicom_node.work.priors.look_up_prior`, ``None`` when priors are off): its
+        findings go to the model as clinical context and the report states the change since; without a
+        prior report, the report says why there is no comparison.
 
         Raises
         ------
         inference.errors.InferenceError
             The study could not be analysed (unusable images, model failure, time-out).
         """
+        from dataclasses import replace
+
+        from dicom_node.work.priors import study_date
+        from inference.comparison import Comparison, compare_with_prior, comparison_context
         from inference.preprocess import prepare_inputs
         from sr_templates import build_outputs
 
@@ -175,12 +189,22 @@ class Pipeline:
             return outcome
         t1 = time.perf_counter()
         inputs = prepare_inputs(study, selection.series_uids, self.config.model, self.model.image_size)
+        current_date = study_date(study)
+        if prior is not None and prior.report is not None:
+            inputs = replace(inputs, clinical_context=" ".join(
+                filter(None, (inputs.clinical_context, comparison_context(prior.report, current_date)))))
         t2 = time.perf_counter()
         findings = self.model.analyze(inputs)
         t3 = time.perf_counter()
-        datasets = build_outputs(study, findings, self.output_options(), revision=revision, predecessors=predecessors)
+        comparison: Comparison | None = None
+        if prior is not None:
+            comparison = (compare_with_prior(findings.levels, prior.report, current_date) if prior.report is not None
+                          else Comparison.without_prior(prior.reason or "unknown"))
+        datasets = build_outputs(study, findings, self.output_options(), revision=revision, predecessors=predecessors,
+                                 comparison=comparison)
         t4 = time.perf_counter()
         outcome.findings = findings
+        outcome.comparison = comparison
         outcome.datasets = list(datasets)
         outcome.seconds = {"select": t1 - t0, "preprocess": t2 - t1, "predict": t3 - t2, "report": t4 - t3}
         return outcome

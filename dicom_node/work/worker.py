@@ -32,6 +32,7 @@ from dicom_node.log import get_logger, phi_hash, use_phi_key
 from dicom_node.ops.audit import open_audit
 from dicom_node.work.heartbeat import HeartbeatWriter, heartbeat_path
 from dicom_node.work.pipeline import Pipeline, output_kind
+from dicom_node.work.priors import look_up_prior
 from inference.errors import InferenceError, UnusableStudyError
 from inference.study import StudyError, load_study, read_header
 from sr_templates.errors import ReportError
@@ -248,8 +249,11 @@ class Worker:
             return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}")
         revision = job.revision + 1
         predecessors = self._previous_outputs(job)
+        t_prior = time.perf_counter()
+        prior = look_up_prior(self.config, study)  # PACS errors become the reason: never holds the report back
+        prior_s = time.perf_counter() - t_prior
         try:
-            outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors)
+            outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors, prior=prior)
         except UnusableStudyError as exc:
             self.store.mark_unusable(job.study_instance_uid, {e.sop_instance_uid: e.reason for e in exc.excluded})
             return self._analysis_failed(job, exc)
@@ -291,7 +295,13 @@ class Worker:
             dry_run=self.config.routing.dry_run,
         )
         kinds = {d.name: d.output_kinds for d in self.config.destinations if d.output_kinds is not None}
-        return self.store.finish_report(job.id, self.owner, revision, records_out, destinations, kinds)
+        note = None
+        if outcome.comparison is not None:
+            note = (f"without comparison: {outcome.comparison.unavailable}" if outcome.comparison.prior is None
+                    else f"compared with a prior study: {len(outcome.comparison.changes)} changes")
+            log.info("comparison with prior", job=job.id, compared=outcome.comparison.prior is not None,
+                     seconds=round(prior_s, 3))
+        return self.store.finish_report(job.id, self.owner, revision, records_out, destinations, kinds, note)
 
     def _analysis_failed(self, job: Job, exc: InferenceError) -> Job:
         """A transient failure (the model server down or busy, out of GPU memory, too slow) defers the study
