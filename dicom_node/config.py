@@ -314,12 +314,13 @@ class NotifyConfig(_Section):
 class PriorsConfig(_Section):
     """``[priors]``: compare each study with the patient's last one on the site's PACS.
 
-    The PACS is a ``[[destinations]]`` entry of type ``dicom`` named by ``source``; it must know our AE
-    title and allow C-FIND and C-GET (docs/priors.md).  A prior that cannot be found or fetched never
-    holds a report back: the report is made without comparison and says why.
+    The PACS is a ``[[destinations]]`` entry of type ``dicom`` (it must know our AE title and allow C-FIND
+    and C-GET) or ``dicomweb`` (QIDO-RS and WADO-RS under its url) named by ``source`` (docs/priors.md).
+    A prior that cannot be found or fetched never holds a report back: the report is made without
+    comparison and says why.
     """
 
-    source: str | None = Field(default=None, description="name of a dicom destination to query; unset: off")
+    source: str | None = Field(default=None, description="name of a dicom or dicomweb destination; unset: off")
     max_count: int = Field(default=3, ge=1, le=20, description="earlier studies looked at, newest first")
     max_age_days: int = Field(default=1825, ge=1, description="how far back a prior may be")
     timeout_s: float = Field(default=30.0, gt=0, description="TCP connect, ACSE and DIMSE timeout")
@@ -431,9 +432,9 @@ class NodeConfig(BaseSettings):
             source = next((d for d in self.destinations if d.name == self.priors.source), None)
             if source is None:
                 raise ValueError(f"priors.source: no destination named {self.priors.source!r}")
-            if source.type != "dicom":
-                raise ValueError(f"priors.source: {source.name!r} is a {source.type} destination; "
-                                 "priors are queried over DICOM (C-FIND, C-GET)")
+            if source.type not in ("dicom", "dicomweb"):
+                raise ValueError(f"priors.source: {source.name!r} is a {source.type} destination; priors are "
+                                 "queried over DICOM (C-FIND, C-GET) or DICOMweb (QIDO-RS, WADO-RS)")
         return self
 
     @property

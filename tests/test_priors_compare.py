@@ -81,9 +81,17 @@ def _restamp(paths: tuple[Path, ...], **attrs: str) -> None:
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """Orthanc knowing our AE (C-FIND, C-GET, C-STORE allowed), with the prior radiograph of 2024-03-01
     and our report of it (Cobb angle T6-T12 24 deg)."""
-    require_orthanc()
+    require_orthanc("libOrthancDicomWeb.so")
     tmp = tmp_path_factory.mktemp("pacs")
-    orthanc = start_orthanc(tmp, {"DicomModalities": {"node": [NODE_AE, "127.0.0.1", free_port()]}}, name="pacs")
+    orthanc = start_orthanc(tmp, {
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomModalities": {
+        "node": [NODE_AE, "127.0.0.1", free_port()],
+        # a node this PACS lets query but not retrieve
+        "noget": {"AET": "NOGET-AE", "Host": "127.0.0.1", "Port": free_port(), "AllowFind": True, "AllowGet": False,
+                  "AllowMove": False, "AllowStore": True, "AllowEcho": True},
+    }}, name="pacs")
     try:
         prior = make_scoliosis_radiograph(tmp / "prior", seed=41, cobb_deg=24.0, patient_id=PID)
         _restamp(prior.paths, StudyDate="20240301")
@@ -105,13 +113,15 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
 
 
 @contextlib.contextmanager
-def _node(tmp: Path, pacs: OrthancServer, model: ScriptedCobb, *, ae_title: str = NODE_AE) -> Iterator[ReceivingNode]:
+def _node(tmp: Path, pacs: OrthancServer, model: ScriptedCobb, *, ae_title: str = NODE_AE,
+          web: bool = False) -> Iterator[ReceivingNode]:
+    source = ({"name": "pacs", "type": "dicomweb", "url": f"{pacs.url}/dicom-web"} if web else
+              {"name": "pacs", "type": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port})
     cfg = load_config(
         node={"port": 0, "host": "127.0.0.1", "data_dir": tmp / "data", "min_free_disk_mb": 0, "ae_title": ae_title},
         http={"enabled": False},
         completeness={"quiet_seconds": 1.0, "force_seconds": 60, "check_interval_s": 0.1},
-        destinations=[{"name": "pacs", "type": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                       "port": pacs.dicom_port}],
+        destinations=[source],
         priors={"source": "pacs", "max_count": 3, "max_age_days": 3650, "timeout_s": 10},
         export={"max_attempts": 2, "backoff_initial_s": 0.2, "backoff_max_s": 0.4, "timeout_s": 10},
         worker={"poll_interval_s": 0.05},
@@ -149,10 +159,13 @@ def _report(node: ReceivingNode, study_uid: str) -> pydicom.Dataset:
     return pydicom.dcmread(rec.path)
 
 
-def test_the_report_states_the_cobb_change_against_the_prior(tmp_path: Path, pacs: OrthancServer) -> None:
+@pytest.mark.parametrize("web", [False, True], ids=["dimse", "dicomweb"])
+def test_the_report_states_the_cobb_change_against_the_prior(tmp_path: Path, pacs: OrthancServer, web: bool) -> None:
+    """Over DICOM (C-FIND, C-GET; the new report exported by C-STORE) or DICOMweb (QIDO-RS, WADO-RS;
+    STOW-RS)."""
     model = ScriptedCobb(32.0)
-    cur = _current(tmp_path, seed=42)
-    with _node(tmp_path, pacs, model) as node:
+    cur = _current(tmp_path, seed=42 if not web else 45)
+    with _node(tmp_path, pacs, model, web=web) as node:
         assert storescu(node.receiver.port, list(cur.paths)).returncode == 0
         sr = _report(node, cur.study_instance_uid)
         events = [e["detail"] or "" for e in node.store.events(cur.study_instance_uid)]
@@ -202,3 +215,20 @@ def test_a_pacs_that_refuses_the_query_gives_a_report_without_comparison_and_why
     assert "Prior study" not in model.asked[-1].clinical_context
     assert any(e.startswith("revision 1; without comparison: prior study query: C-FIND refused") for e in events)
     assert PID not in back.comparison_comment
+
+
+def test_a_pacs_that_refuses_to_hand_the_prior_over_gives_a_report_without_comparison(
+        tmp_path: Path, pacs: OrthancServer) -> None:
+    """The query works, the C-GET of the prior's SR is refused: reported without comparison, the reason says
+    which step failed."""
+    model = ScriptedCobb(32.0)
+    cur = _current(tmp_path, seed=44)
+    with _node(tmp_path, pacs, model, ae_title="NOGET-AE") as node:
+        assert storescu(node.receiver.port, list(cur.paths), called="NOGET-AE").returncode == 0
+        sr = _report(node, cur.study_instance_uid)
+    back = read_measurement_report(sr)
+    assert back.changes == ()
+    assert back.comparison_comment is not None
+    assert back.comparison_comment.startswith(
+        "Comparison with prior studies: not available (prior report retrieve: C-GET refused: the peer aborted")
+    assert "Prior study" not in model.asked[-1].clinical_context

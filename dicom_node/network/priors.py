@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,18 @@ from dicom_node.errors import NodeError
 from dicom_node.network.association import STATUS_SUCCESS, RequestWatch, nodelay_handlers
 from dicom_node.network.tls import client_tls_args
 
-__all__ = ["PriorStudy", "PriorsError", "fetch_prior_reports", "find_prior_studies", "study_region"]
+__all__ = [
+    "PriorStudy",
+    "PriorsError",
+    "check_find_arguments",
+    "fetch_prior_reports",
+    "find_prior_studies",
+    "image_series_body_parts",
+    "is_our_report",
+    "select_priors",
+    "study_region",
+    "write_report",
+]
 
 #: C-FIND / C-GET pending statuses (PS3.4 C.4.1.1.4, C.4.3.1.4).
 _PENDING = frozenset({0xFF00, 0xFF01})
@@ -261,6 +272,90 @@ def _release(assoc: Association) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- find
+def check_find_arguments(patient_id: str, region: str | None, max_count: int, max_age_days: int) -> None:
+    """The argument checks of :func:`find_prior_studies` (shared with the DICOMweb variant)."""
+    if not patient_id or not patient_id.strip():
+        raise ValueError("patient_id: must not be empty")
+    if region is not None and region not in REGIONS:
+        raise ValueError(f"region: expected one of {', '.join(REGIONS)} or None, got {region!r}")
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0:
+        raise ValueError(f"max_count: must be an int >= 0, got {max_count!r}")
+    if isinstance(max_age_days, bool) or not isinstance(max_age_days, int) or max_age_days < 0:
+        raise ValueError(f"max_age_days: must be an int >= 0, got {max_age_days!r}")
+
+
+def select_priors(
+    idents: Iterable[Dataset],
+    *,
+    patient_id: str,
+    issuer_of_patient_id: str | None,
+    current_study_uid: str,
+    current_date: _dt.date | None,
+    earliest: _dt.date | None,
+    region: str | None,
+    max_count: int,
+    body_parts: Callable[[str], tuple[str, ...]],
+) -> list[PriorStudy]:
+    """The priors among STUDY-level answers (C-FIND identifiers or QIDO-RS results), newest first.
+
+    Each answer is checked again on our side (a PACS may ignore a key); ``body_parts(study_uid)`` asks the
+    PACS for a candidate's series, newest first, until ``max_count`` are kept.
+    """
+    candidates: list[tuple[tuple[int, str, str], Dataset]] = []
+    seen: set[str] = set()
+    for ident in idents:
+        study_uid = _text(ident, "StudyInstanceUID")
+        if not study_uid or study_uid == current_study_uid or study_uid in seen:
+            continue
+        if _text(ident, "PatientID") not in ("", patient_id):
+            continue  # a PACS that ignored the key
+        issuer = _text(ident, "IssuerOfPatientID")
+        if issuer_of_patient_id and issuer and issuer != issuer_of_patient_id:
+            continue
+        day = _date(_text(ident, "StudyDate"))
+        if current_date is not None and (day is None or day > current_date
+                                         or (earliest is not None and day < earliest)):
+            continue  # a PACS that ignored the range, or an undated study we cannot place
+        modalities = _values(ident, "ModalitiesInStudy")
+        if modalities and not IMAGE_MODALITIES.intersection(modalities):
+            continue  # results or notes only (our own SR series among them)
+        seen.add(study_uid)
+        order = (day.toordinal() if day is not None else 0, _text(ident, "StudyTime"), study_uid)
+        candidates.append((order, ident))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+
+    priors: list[PriorStudy] = []
+    for _, ident in candidates:
+        if len(priors) >= max_count:
+            break
+        study_uid = _text(ident, "StudyInstanceUID")
+        parts = body_parts(study_uid)
+        description = _text(ident, "StudyDescription")
+        if not _region_matches(region, _regions(parts, description)):
+            continue
+        priors.append(PriorStudy(
+            study_instance_uid=study_uid,
+            study_date=_date(_text(ident, "StudyDate")),
+            modalities=_values(ident, "ModalitiesInStudy"),
+            description=description,
+            body_parts=parts,
+        ))
+    return priors
+
+
+def image_series_body_parts(series: Iterable[Dataset]) -> tuple[str, ...]:
+    """Body Part Examined of the image series among SERIES-level answers, in answer order."""
+    parts: list[str] = []
+    for ident in series:
+        modality = _text(ident, "Modality").upper()
+        if modality and modality not in IMAGE_MODALITIES:
+            continue  # an SR's or a note's body part says nothing about the images
+        for part in _values(ident, "BodyPartExamined"):
+            if part not in parts:
+                parts.append(part)
+    return tuple(parts)
+
+
 def find_prior_studies(
     peer: DestinationConfig,
     *,
@@ -312,14 +407,7 @@ def find_prior_studies(
     ValueError
         ``region``, ``max_count``, ``max_age_days`` or ``timeout_s`` out of range, ``patient_id`` empty.
     """
-    if not patient_id or not patient_id.strip():
-        raise ValueError("patient_id: must not be empty")
-    if region is not None and region not in REGIONS:
-        raise ValueError(f"region: expected one of {', '.join(REGIONS)} or None, got {region!r}")
-    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0:
-        raise ValueError(f"max_count: must be an int >= 0, got {max_count!r}")
-    if isinstance(max_age_days, bool) or not isinstance(max_age_days, int) or max_age_days < 0:
-        raise ValueError(f"max_age_days: must be an int >= 0, got {max_age_days!r}")
+    check_find_arguments(patient_id, region, max_count, max_age_days)
     _check_peer(peer)
     if max_count == 0:
         return []
@@ -342,46 +430,11 @@ def find_prior_studies(
     assoc = _associate(ae, peer, "prior study query")
     try:
         _require_context(assoc, StudyRootQueryRetrieveInformationModelFind, "prior study query", peer)
-        candidates: list[tuple[tuple[int, str, str], Dataset]] = []
-        seen: set[str] = set()
-        for ident in _find(assoc, query, "prior study query"):
-            study_uid = _text(ident, "StudyInstanceUID")
-            if not study_uid or study_uid == current_study_uid or study_uid in seen:
-                continue
-            if _text(ident, "PatientID") not in ("", patient_id):
-                continue  # a PACS that ignored the key
-            issuer = _text(ident, "IssuerOfPatientID")
-            if issuer_of_patient_id and issuer and issuer != issuer_of_patient_id:
-                continue
-            day = _date(_text(ident, "StudyDate"))
-            if current_date is not None and (day is None or day > current_date
-                                             or (earliest is not None and day < earliest)):
-                continue  # a PACS that ignored the range, or an undated study we cannot place
-            modalities = _values(ident, "ModalitiesInStudy")
-            if modalities and not IMAGE_MODALITIES.intersection(modalities):
-                continue  # results or notes only (our own SR series among them)
-            seen.add(study_uid)
-            order = (day.toordinal() if day is not None else 0, _text(ident, "StudyTime"), study_uid)
-            candidates.append((order, ident))
-        candidates.sort(key=lambda c: c[0], reverse=True)
-
-        priors: list[PriorStudy] = []
-        for _, ident in candidates:
-            if len(priors) >= max_count:
-                break
-            study_uid = _text(ident, "StudyInstanceUID")
-            body_parts = _series_body_parts(assoc, study_uid)
-            description = _text(ident, "StudyDescription")
-            if not _region_matches(region, _regions(body_parts, description)):
-                continue
-            priors.append(PriorStudy(
-                study_instance_uid=study_uid,
-                study_date=_date(_text(ident, "StudyDate")),
-                modalities=_values(ident, "ModalitiesInStudy"),
-                description=description,
-                body_parts=body_parts,
-            ))
-        return priors
+        idents = list(_find(assoc, query, "prior study query"))
+        return select_priors(idents, patient_id=patient_id, issuer_of_patient_id=issuer_of_patient_id,
+                             current_study_uid=current_study_uid, current_date=current_date, earliest=earliest,
+                             region=region, max_count=max_count,
+                             body_parts=lambda study_uid: _series_body_parts(assoc, study_uid))
     finally:
         _release(assoc)
 
@@ -394,15 +447,7 @@ def _series_body_parts(assoc: Association, study_uid: str) -> tuple[str, ...]:
     query.SeriesInstanceUID = ""
     query.Modality = ""
     query.BodyPartExamined = ""
-    parts: list[str] = []
-    for ident in _find(assoc, query, "prior series query"):
-        modality = _text(ident, "Modality").upper()
-        if modality and modality not in IMAGE_MODALITIES:
-            continue  # an SR's or a note's body part says nothing about the images
-        for part in _values(ident, "BodyPartExamined"):
-            if part not in parts:
-                parts.append(part)
-    return tuple(parts)
+    return image_series_body_parts(_find(assoc, query, "prior series query"))
 
 
 # ---------------------------------------------------------------------------------------------- fetch
@@ -415,6 +460,39 @@ def _is_ours(ds: Dataset) -> bool:
         return False
     return (_text(ds, "SeriesDescription").startswith(OUR_SERIES_DESCRIPTION)
             or _text(ds, "Manufacturer") == OUR_MANUFACTURER)
+
+
+def write_report(ds: Dataset, dest_dir: Path) -> tuple[str, str, Path]:
+    """Write one report of ours atomically as ``dest_dir/<SOPInstanceUID>.dcm``; returns (SOP Instance UID,
+    content date+time, path).
+
+    Raises
+    ------
+    ValueError
+        Its SOP Instance UID is not a UID.
+    OSError
+        The file could not be written.
+    """
+    sop = str(ds.get("SOPInstanceUID", ""))
+    if not _UID_RE.match(sop) or len(sop) > 64:
+        raise ValueError("an SR with an invalid SOP Instance UID")
+    path = dest_dir / f"{sop}.dcm"
+    fd, tmp = tempfile.mkstemp(prefix=".priors-", suffix=".tmp", dir=dest_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sop, _text(ds, "ContentDate") + _text(ds, "ContentTime"), path
+
+
+def is_our_report(ds: Dataset) -> bool:
+    """A TID 1500 Comprehensive 3D SR written by the node (series description, else manufacturer)."""
+    return _is_ours(ds)
 
 
 class _Receiver:
@@ -437,27 +515,15 @@ class _Receiver:
         if str(ds.get("StudyInstanceUID", "")) != self.study_uid or not _is_ours(ds):
             self.ignored += 1
             return STATUS_SUCCESS
-        sop = str(ds.get("SOPInstanceUID", ""))
-        if not _UID_RE.match(sop) or len(sop) > 64:
-            self.errors.append("an SR with an invalid SOP Instance UID")
-            return 0xC211
-        path = self.dest_dir / f"{sop}.dcm"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".priors-", suffix=".tmp", dir=self.dest_dir)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    ds.save_as(fh, enforce_file_format=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            sop, when, path = write_report(ds, self.dest_dir)
+        except ValueError as exc:
+            self.errors.append(str(exc))
+            return 0xC211
         except OSError as exc:
             self.errors.append(f"cannot write a report into the destination folder: "
                                f"{exc.strerror or type(exc).__name__}")
             return 0xA700
-        when = _text(ds, "ContentDate") + _text(ds, "ContentTime")
         self.written[sop] = (when, path)
         return STATUS_SUCCESS
 

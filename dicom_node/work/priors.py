@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.config import NodeConfig
 from dicom_node.log import get_logger
 from dicom_node.network.priors import PriorsError, fetch_prior_reports, find_prior_studies, study_region
+from dicom_node.network.priors_web import fetch_prior_reports_web, find_prior_studies_web
 from inference.comparison import PriorReport
 from inference.study import Study
 from sr_templates import read_measurement_report
@@ -66,12 +67,21 @@ def look_up_prior(config: NodeConfig, study: Study) -> PriorLookup | None:
     calling_ae = config.export.calling_ae_title or config.node.ae_title
     current = study_date(study)
     region = study_region(tuple(s.body_part_examined for s in study.series), study.study_description)
+    web = source.type == "dicomweb"
     try:
-        candidates = find_prior_studies(
-            source, patient_id=study.patient_id.strip(), issuer_of_patient_id=None,
-            current_study_uid=study.study_instance_uid, current_date=current, region=region,
-            max_count=cfg.max_count, max_age_days=cfg.max_age_days, calling_ae=calling_ae, timeout_s=cfg.timeout_s,
-        )
+        if web:
+            candidates = find_prior_studies_web(
+                source, patient_id=study.patient_id.strip(), issuer_of_patient_id=None,
+                current_study_uid=study.study_instance_uid, current_date=current, region=region,
+                max_count=cfg.max_count, max_age_days=cfg.max_age_days, timeout_s=cfg.timeout_s,
+            )
+        else:
+            candidates = find_prior_studies(
+                source, patient_id=study.patient_id.strip(), issuer_of_patient_id=None,
+                current_study_uid=study.study_instance_uid, current_date=current, region=region,
+                max_count=cfg.max_count, max_age_days=cfg.max_age_days, calling_ae=calling_ae,
+                timeout_s=cfg.timeout_s,
+            )
     except PriorsError as exc:
         log.warning("prior studies not available", error=str(exc))
         return PriorLookup(None, str(exc))
@@ -81,8 +91,12 @@ def look_up_prior(config: NodeConfig, study: Study) -> PriorLookup | None:
     for prior in candidates:  # newest first
         with tempfile.TemporaryDirectory(prefix="prior-", dir=config.node.data_dir / "tmp") as tmp:
             try:
-                paths = fetch_prior_reports(source, prior.study_instance_uid, Path(tmp),
-                                            calling_ae=calling_ae, timeout_s=cfg.timeout_s)
+                if web:
+                    paths = fetch_prior_reports_web(source, prior.study_instance_uid, Path(tmp),
+                                                    timeout_s=cfg.timeout_s)
+                else:
+                    paths = fetch_prior_reports(source, prior.study_instance_uid, Path(tmp),
+                                                calling_ae=calling_ae, timeout_s=cfg.timeout_s)
             except PriorsError as exc:
                 log.warning("prior report not available", error=str(exc))
                 return PriorLookup(None, str(exc))
