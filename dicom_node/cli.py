@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -116,6 +117,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.data_dir is not None:
         config.node.data_dir = args.data_dir
+    # highdicom logs every module it copies into each SR at INFO: noise around the progress bar here
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     try:
         result = run_validation(config, args.cases, args.labels, args.out, labels_format=args.labels_format,
                                 resamples=args.resamples, seed=args.seed, progress=not args.no_progress)

@@ -295,6 +295,11 @@ def test_log_loss_by_hand(scripted: dict[str, Any]) -> None:
     assert "foraminal" in ll["score"]["note"]
     assert ll["per_group"]["disc_herniation"]["value"] is None  # no probabilities given for it
     assert scripted["result"].metrics["calibration"]
+    html = (scripted["out"] / "report.html").read_text()
+    assert 'alt="calibration"' in html and 'alt="localisation error histogram"' in html
+    assert "demo — not for clinical use" not in html
+    for data in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', html):
+        ElementTree.fromstring(base64.b64decode(data))
 
 
 def test_cases_csv_and_no_identifiers(scripted: dict[str, Any]) -> None:
