@@ -344,6 +344,21 @@ def test_bootstrap_is_deterministic_and_degenerate_cases_are_null(scripted: dict
     assert quadratic_kappa(np.array([[20.0, 5, 0], [10, 15, 0], [0, 0, 0]]))[0] == pytest.approx(0.4)
 
 
+def test_studies_not_analysed_are_listed_not_scored(scripted: dict[str, Any], tmp_path: Path) -> None:
+    from inference.validation.run import validate_cases
+
+    truth = load_labels(scripted["labels"])
+    result = validate_cases(scripted["cases"], truth, lambda study: "skipped: no series selected", tmp_path,
+                            progress=False)
+    m = result.metrics
+    assert m["studies"]["analysed"] == 0 and len(m["studies"]["not_analysed"]) == 4
+    assert m["studies"]["not_analysed"][0]["reason"] == "skipped: no series selected"
+    assert m["level_identification_accuracy"]["value"] is None and m["conditions"] == {}
+    json.dumps(m, allow_nan=False)
+    with (tmp_path / "cases.csv").open() as fp:
+        assert {r["prediction"] for r in csv.DictReader(fp)} == {"not analysed", "not assessed by the model"}
+
+
 def test_grades_and_label_errors(tmp_path: Path) -> None:
     assert parse_grade("Normal/Mild") is Grade.NORMAL_MILD and parse_grade("") is None
     assert parse_grade(" severe ") is Grade.SEVERE

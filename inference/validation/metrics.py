@@ -106,7 +106,8 @@ class Resampler:
         ``statistic`` maps sums (m × k) to m values, NaN where undefined; ``reason`` says why when the
         point estimate is undefined.
         """
-        per_study = np.asarray(per_study, dtype=float).reshape(self.n, -1)
+        per_study = np.asarray(per_study, dtype=float)
+        per_study = per_study.reshape(self.n, -1) if self.n else per_study.reshape(0, max(per_study.shape[-1], 1))
         point = float(statistic(per_study.sum(axis=0, keepdims=True))[0])
         if not math.isfinite(point):
             return Estimate(None, n=n, reason=reason)
