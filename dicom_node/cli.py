@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -106,6 +107,53 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if outcome.findings.model.demo:
         print("demo model — not for clinical use")
     return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from dicom_node.work.validate import run_validation
+    from inference.errors import InferenceError
+    from inference.validation.labels import LabelError
+
+    config = _config(args)
+    if args.data_dir is not None:
+        config.node.data_dir = args.data_dir
+    # highdicom logs every module it copies into each SR at INFO: noise around the progress bar here
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    try:
+        result = run_validation(config, args.cases, args.labels, args.out, labels_format=args.labels_format,
+                                resamples=args.resamples, seed=args.seed, progress=not args.no_progress)
+    except (LabelError, ValueError, InferenceError) as exc:
+        print(f"spinemed-node: validate: {exc}", file=sys.stderr)
+        return 2 if not isinstance(exc, InferenceError) else 1
+    m = result.metrics
+    st = m["studies"]
+    if m["demo"]:
+        print("demo model — not for clinical use")
+    print(f"studies: {st['analysed']} analysed of {st['found']} found ({st['labelled']} labelled)")
+    for name, c in m["conditions"].items():
+        if not c["assessed"]:
+            print(f"{name}: not assessed by the model ({c['cells']} cells)")
+            continue
+        a = c["all_levels"]
+        print(f"{name}: sensitivity {_value(a['sensitivity'])}, specificity {_value(a['specificity'])}, "
+              f"kappa {_value(c['quadratic_weighted_kappa'])} ({c['cells']} cells)")
+    print(f"level identification {_value(m['level_identification_accuracy'])}, localisation mean "
+          f"{_value(m['localisation_mm']['mean'])} mm, Cobb MAE {_value(m['cobb']['mae_deg'])} deg, "
+          f"SMAPE {_value(m['cobb']['smape_percent'])} %")
+    ll = m["log_loss"]
+    print(f"log loss: {_value(ll['score']) if ll['available'] else ll['reason']}")
+    print(f"written: {args.out / 'report.html'}, metrics.json, cases.csv")
+    return 0
+
+
+def _value(est: dict[str, object]) -> str:
+    value, ci = est.get("value"), est.get("ci95")
+    if not isinstance(value, float | int):
+        return "n/a"
+    text = f"{value:.3f}"
+    if isinstance(ci, list):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -301,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the SR objects and findings.json")
     p.add_argument("--data-dir", type=Path, help="where models are built/cached (default: node.data_dir)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("validate", help="measure the model on a site's labelled cases: report.html, "
+                                        "metrics.json, cases.csv (docs/validation.md)")
+    _add_config(p)
+    p.add_argument("cases", type=Path, help="folder of DICOM studies (one sub-folder per study, or any tree)")
+    p.add_argument("--labels", type=Path, required=True,
+                   help="RSNA 2024 folder or train.csv, our per-level CSV, or a TID 1500 SR (file or folder)")
+    p.add_argument("--labels-format", choices=["auto", "rsna", "csv", "sr"], default="auto")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.html, metrics.json, cases.csv")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--data-dir", type=Path, help="where models are built/cached (default: node.data_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("demo", help="node + synthetic study over DICOM → SR written and shown (demo model)")
     p.add_argument("--workdir", type=Path, default=Path(".demo"), help="demo data folder (default: ./.demo)")

@@ -30,6 +30,7 @@ __all__ = [
     "VERTEBRAE",
     "Evidence",
     "FindingType",
+    "GradeProbabilities",
     "ImagePlane",
     "InputImage",
     "Laterality",
@@ -400,6 +401,35 @@ class InputImage(_Strict):
         return len(self.sop_instance_uids) == 1
 
 
+class GradeProbabilities(_Strict):
+    """A model's probabilities of the three grades (normal/mild, moderate, severe) of one condition at one
+    level, where a backend can give them (site validation's log loss and calibration read them).
+
+    Not part of :class:`ModelAnswer`: the model does not write them, its backend measures them (today no
+    backend does; reading them from the constrained decoder's token probabilities is a later step).
+    ``laterality`` is the side for a sided condition (foraminal stenosis), else ``None``.
+    """
+
+    level: Level
+    finding: FindingType
+    laterality: Laterality | None = None
+    normal_mild: float = Field(ge=0.0, le=1.0)
+    moderate: float = Field(ge=0.0, le=1.0)
+    severe: float = Field(ge=0.0, le=1.0)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _norm_level(cls, v: Any) -> Any:
+        return normalise_level(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> GradeProbabilities:
+        total = self.normal_mild + self.moderate + self.severe
+        if abs(total - 1.0) > 1e-3:
+            raise ValueError(f"normal_mild/moderate/severe: probabilities sum to {total:.4f}, not 1")
+        return self
+
+
 class SpineFindings(_Strict):
     """A validated model answer with its provenance: the input of :mod:`sr_templates`."""
 
@@ -408,6 +438,8 @@ class SpineFindings(_Strict):
     task: str
     images: list[InputImage]
     answer: ModelAnswer
+    #: per-grade probabilities, where the backend gives them (empty: it gives none)
+    grade_probabilities: tuple[GradeProbabilities, ...] = ()
 
     @model_validator(mode="after")
     def _evidence_resolves(self) -> SpineFindings:
