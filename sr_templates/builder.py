@@ -323,8 +323,10 @@ def _build(
     resolved = [[index.resolve(e) for e in f.evidence] for f in levels]
     demo = findings.model.demo
 
+    # (per-grade probabilities are left out when there are none: the UIDs of what was built before stay)
+    dumped = findings.model_dump(mode="json", exclude=None if findings.grade_probabilities else {"grade_probabilities"})
     digest_parts: list[object] = [
-        findings.model_dump(mode="json"),
+        dumped,
         asdict(options),
         revision,
         sorted(str(p.SOPInstanceUID) for p in predecessors),
