@@ -48,11 +48,12 @@ class ConsultationTurn:
 
 def _person_name(name: str) -> str:
     """``name`` as a Person Name value: no backslash or control characters, at most 64 characters per
-    component group."""
-    clean = _PN_BAD.sub(" ", name).strip()
+    component group; a name without components (a login name) gets a trailing caret, so it reads as a
+    single family-name component (PS3.5 6.2.1.2)."""
+    clean = _PN_BAD.sub(" ", name).strip()[:63]
     if not clean:
         raise ValueError("observer_name: empty")
-    return clean[:64]
+    return clean if "^" in clean else clean + "^"
 
 
 def build_consultation_sr(
