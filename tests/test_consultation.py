@@ -370,3 +370,69 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- the store
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    from dicom_node.jobs.postgres import PostgresJobStore
+    from dicom_node.jobs.sqlite import SQLiteJobStore
+
+    store = (SQLiteJobStore(tmp_path / "jobs.sqlite3") if request.param == "sqlite"
+             else PostgresJobStore(request.getfixturevalue("pg_url")))
+    yield store
+    store.close()
+
+
+def test_turn_queue_in_both_stores(any_store: Any, tmp_path: Path) -> None:
+    from dicom_node.errors import ConsultationError, ConsultationLimitError
+    from dicom_node.jobs.model import OutputRecord
+
+    store = any_store
+    uid = "1.2.826.0.1.3680043.8.498.777"
+    store.record_instance(InstanceRecord(uid + ".1", uid, uid + ".2", "1.2.840.10008.5.1.4.1.1.4", "MR", "", "/x",
+                                         "1.2.840.10008.1.2.1", 1, "T", time.time()))
+    job = store.by_study(uid)
+    with pytest.raises(ConsultationError, match="only a study the node has analysed"):
+        store.open_consultation(job.id, USER)
+    (job,) = store.complete_due(time.time() + 100, 0, 1000)
+    assert store.claim("w", time.time(), 60).id == job.id
+    store.transition(job.id, "w", JobState.INFERRING)
+    store.transition(job.id, "w", JobState.REPORTING)
+    store.record_findings(uid, 1, '{"x": 1}')
+    store.finish_report(job.id, "w", 1, [OutputRecord(uid + ".9", uid, 1, "measurement_report", "1.2", "/o")], [])
+    store.transition(job.id, "w", JobState.DONE)
+    assert store.findings(uid, 1) == '{"x": 1}' and store.findings(uid, 2) is None
+
+    c = store.open_consultation(job.id, USER)
+    t1 = store.ask(c.id, Q1, USER, max_turns=2, token_budget=1000)
+    assert (t1.seq, t1.state) == (1, TurnState.QUEUED)
+    with pytest.raises(ConsultationError, match="still being answered"):
+        store.ask(c.id, Q2, USER, max_turns=2, token_budget=1000)
+    claimed = store.claim_turn("w", time.time())
+    assert claimed is not None and claimed.id == t1.id and claimed.state is TurnState.ANSWERING
+    assert store.claim_turn("w2", time.time()) is None
+    assert not store.give_up_turn(t1.id, "busy"), "a turn a worker took is not given up"
+    store.write_answer(t1.id, "w", "Partly")
+    assert store.turn(t1.id).answer == "Partly"
+    done = store.finish_turn(t1.id, "w", TurnState.ANSWERED, "Partly, yes.", prompt_tokens=600, completion_tokens=3)
+    assert done.final and store.study_tokens(uid) == 603
+    t2 = store.ask(c.id, Q2, USER, max_turns=2, token_budget=1000)
+    assert store.give_up_turn(t2.id, "busy") and store.turn(t2.id).state is TurnState.BUSY
+    with pytest.raises(ConsultationLimitError, match="token budget spent"):
+        store.ask(c.id, Q2, USER, max_turns=2, token_budget=603)
+    t3 = store.ask(c.id, Q2, USER, max_turns=2, token_budget=1000)  # the busy turn did not count
+    assert t3.seq == 3
+    store.finish_turn(store.claim_turn("w", time.time()).id, "w", TurnState.FAILED, "", error="gone")
+    with pytest.raises(ConsultationLimitError, match="turn limit reached: 2"):
+        store.ask(store.open_consultation(job.id, USER).id, "again?", USER, max_turns=2, token_budget=1000)
+    assert [t.seq for t in store.turns(c.id)] == [1, 2, 3] and len(store.consultations(job.id)) == 2
+
+    saved = OutputRecord(uid + ".10", uid, 1, "consultation", "1.2.840.10008.5.1.4.1.1.88.33", "/c")
+    job = store.add_outputs(job.id, [saved], ["pacs"], detail="consultation saved")
+    assert job.state is JobState.EXPORTING
+    assert [d.output_uid for d in store.deliveries(uid, 1)] == [saved.sop_instance_uid]
+    with pytest.raises(ConsultationError, match="done job only"):
+        store.add_outputs(job.id, [saved], ["pacs"], detail="again")
+    store.mark_saved(c.id, saved.sop_instance_uid)
+    assert store.consultation(c.id).saved_uid == saved.sop_instance_uid
