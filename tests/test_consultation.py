@@ -423,7 +423,8 @@ def test_turn_queue_in_both_stores(any_store: Any, tmp_path: Path) -> None:
         store.ask(c.id, Q2, USER, max_turns=2, token_budget=603)
     t3 = store.ask(c.id, Q2, USER, max_turns=2, token_budget=1000)  # the busy turn did not count
     assert t3.seq == 3
-    store.finish_turn(store.claim_turn("w", time.time()).id, "w", TurnState.FAILED, "", error="gone")
+    assert store.claim_turn("w", time.time()).id == t3.id and store.answering_workers() == {"w"}
+    assert store.fail_turns_of("w", "the worker stopped") == 1 and store.turn(t3.id).state is TurnState.FAILED
     with pytest.raises(ConsultationLimitError, match="turn limit reached: 2"):
         store.ask(store.open_consultation(job.id, USER).id, "again?", USER, max_turns=2, token_budget=1000)
     assert [t.seq for t in store.turns(c.id)] == [1, 2, 3] and len(store.consultations(job.id)) == 2

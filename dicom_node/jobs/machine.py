@@ -421,7 +421,8 @@ class SQLJobStore:
             if job is None:
                 raise JobNotFoundError(job_id)
             if job.state is not JobState.DONE or job.lease_owner is not None:
-                raise ConsultationError(f"job {job_id} is {job.state}: results can be added to a done job only")
+                raise ConsultationError(f"job {job_id} is {job.state}: results can be added to a done job only "
+                                        "(its results are being sent: save again in a moment)")
             queued = 0
             for o in outputs:
                 if o.revision != job.revision or o.study_instance_uid != job.study_instance_uid:
@@ -604,6 +605,18 @@ class SQLJobStore:
             return self._x(cur, "UPDATE consult_turns SET state = ?, error = ?, answered_at = ? WHERE id = ? "
                            "AND state = ?", (TurnState.BUSY, error, time.time(), turn_id, TurnState.QUEUED)
                            ).rowcount == 1
+
+    def answering_workers(self) -> set[str]:
+        """The workers holding a turn ``answering`` (to find turns of a worker that died)."""
+        return {str(w) for (w,) in self._rows("SELECT DISTINCT worker FROM consult_turns WHERE state = ?",
+                                              (TurnState.ANSWERING,)) if w}
+
+    def fail_turns_of(self, owner: str, error: str) -> int:
+        """End ``failed`` every turn a dead worker was answering; returns how many."""
+        with self._tx() as cur:
+            return int(self._x(cur, "UPDATE consult_turns SET state = ?, error = ?, answered_at = ? WHERE state = ? "
+                               "AND worker = ?", (TurnState.FAILED, error, time.time(), TurnState.ANSWERING, owner)
+                               ).rowcount)
 
     def mark_saved(self, consultation_id: int, sop_instance_uid: str) -> None:
         with self._tx() as cur:

@@ -164,6 +164,10 @@ class Worker:
             if pid != os.getpid() and not _pid_alive(pid):
                 self.store.force_release(job.id)
                 n += 1
+        for owner in self.store.answering_workers():  # consultation turns it was answering: ask again
+            if owner.startswith(host + ":") and int(owner.split(":")[1]) != os.getpid() \
+                    and not _pid_alive(int(owner.split(":")[1])):
+                n += self.store.fail_turns_of(owner, "the worker stopped while answering: ask again")
         return n
 
     def stop(self) -> None:
