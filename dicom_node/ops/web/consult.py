@@ -256,8 +256,10 @@ def consult_routes(config: NodeConfig, store: JobStore, guard: Guard, audit: Aud
             return _error(f"consultation {cid} is not about job {job.id}", 404)
         return job, cid
 
-    def _audit(event: str, job: Job, **fields: Any) -> None:
-        audit.record(event, study=phi_hash(job.study_instance_uid), job=job.id, **fields)
+    async def _audit(event: str, job: Job, **fields: Any) -> None:
+        # durable: the line is on disk before the answer goes out (an fsync: off the event loop)
+        await run_in_threadpool(lambda: audit.record(event, study=phi_hash(job.study_instance_uid), job=job.id,
+                                                     **fields))
 
     async def page(request: Request) -> Response:
         job = await job_of(request)
@@ -294,9 +296,9 @@ def consult_routes(config: NodeConfig, store: JobStore, guard: Guard, audit: Aud
                                         "the node): retry the job to analyse it again, then consult it")
             c = await run_in_threadpool(store.open_consultation, job.id, user)
         except ConsultationError as exc:
-            _audit("consultation_refused", job, user=user, reason=str(exc))
+            await _audit("consultation_refused", job, user=user, reason=str(exc))
             return _error(str(exc), 409)
-        _audit("consultation_started", job, consultation=c.id, user=user, revision=c.revision)
+        await _audit("consultation_started", job, consultation=c.id, user=user, revision=c.revision)
         return JSONResponse({"consultation": {"id": c.id, "job": c.job_id, "revision": c.revision,
                                               "created_by": c.created_by, "created_at": c.created_at}},
                             status_code=201)
@@ -336,7 +338,7 @@ def consult_routes(config: NodeConfig, store: JobStore, guard: Guard, audit: Aud
                 message = (f"The model is busy (no worker took the question within {cfg.busy_timeout_s:g} s): "
                            "try again in a moment.")
                 if await run_in_threadpool(store.give_up_turn, turn_id, message):
-                    _audit("consultation_busy", job, consultation=turn.consultation_id, turn=turn.seq,
+                    await _audit("consultation_busy", job, consultation=turn.consultation_id, turn=turn.seq,
                            user=turn.asked_by)
                 continue
             if time.monotonic() - started > cfg.answer_timeout_s:
@@ -369,11 +371,11 @@ def consult_routes(config: NodeConfig, store: JobStore, guard: Guard, audit: Aud
             turn = await run_in_threadpool(lambda: store.ask(cid, question, user, max_turns=cfg.max_turns,
                                                              token_budget=cfg.token_budget))
         except ConsultationError as exc:
-            _audit("consultation_refused", job, consultation=cid, user=user, reason=str(exc))
+            await _audit("consultation_refused", job, consultation=cid, user=user, reason=str(exc))
             return _error(str(exc), 429 if isinstance(exc, ConsultationLimitError) else 409)
         from dicom_node.work.consult import audit_text
 
-        _audit("consultation_question", job, consultation=cid, turn=turn.seq, user=user,
+        await _audit("consultation_question", job, consultation=cid, turn=turn.seq, user=user,
                question=audit_text(question))
         if "text/event-stream" in request.headers.get("accept", ""):
             return _sse_response(stream(turn.id, job))
@@ -411,7 +413,7 @@ def consult_routes(config: NodeConfig, store: JobStore, guard: Guard, audit: Aud
             result = await run_in_threadpool(_save, config, store, job, cid, user, complete)
         except ConsultationError as exc:
             return _error(str(exc), 409)
-        _audit("consultation_saved", job, consultation=cid, user=user, sop=phi_hash(result["sop_instance_uid"]),
+        await _audit("consultation_saved", job, consultation=cid, user=user, sop=phi_hash(result["sop_instance_uid"]),
                turns=result["turns"], completion=result["completion"])
         result["sop_instance_uid"] = phi_hash(result["sop_instance_uid"])
         return JSONResponse(result, status_code=201)
