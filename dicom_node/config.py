@@ -35,6 +35,7 @@ from inference.settings import ModelSettings
 
 __all__ = [
     "CompletenessConfig",
+    "ConsultationConfig",
     "DestinationConfig",
     "ExportConfig",
     "NodeConfig",
@@ -378,6 +379,24 @@ class WorkerConfig(_Section):
     model_backoff_max_s: float = Field(default=1800.0, ge=0, description="longest wait between analyses")
 
 
+class ConsultationConfig(_Section):
+    """``[consultation]``: follow-up questions about an analysed study, answered by the worker's model."""
+
+    enabled: bool = Field(default=True, description="the consultation page and API")
+    max_turns: int = Field(default=20, ge=1, le=1000, description="questions per study, all consultations")
+    token_budget: int = Field(default=200_000, ge=1, description="prompt + answer tokens per study")
+    max_answer_tokens: int = Field(default=512, ge=1, le=8192, description="longest answer, in tokens")
+    max_question_chars: int = Field(default=2000, ge=1, le=20_000, description="longest question")
+    busy_timeout_s: float = Field(default=30.0, gt=0, description="a question no worker took this long: busy")
+    answer_timeout_s: float = Field(default=600.0, gt=0, description="the page stops waiting for an answer")
+    observer_name: str = Field(default="Consultant", min_length=1, max_length=64,
+                               description="person observer of a saved consultation when no user is named")
+    user_header: str | None = Field(
+        default=None, pattern=r"^[A-Za-z][A-Za-z0-9-]*$",
+        description="header in which the site's authenticating proxy names the user (e.g. X-Remote-User)")
+    series_number: int = Field(default=9905, ge=1, le=2**31 - 4, description="series of saved consultations")
+
+
 _TOML_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_TOML_PATH", default=None)
 
 
@@ -401,6 +420,7 @@ class NodeConfig(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     output: OutputConfig = Field(default_factory=OutputConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    consultation: ConsultationConfig = Field(default_factory=ConsultationConfig)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)

@@ -13,6 +13,8 @@ from typing import ClassVar
 
 __all__ = [
     "ConfigError",
+    "ConsultationError",
+    "ConsultationLimitError",
     "ExportError",
     "InvalidInstanceError",
     "JobNotFoundError",
@@ -46,6 +48,15 @@ class JobNotFoundError(StoreError, KeyError):
     """No job for that study or id."""
 
     transient = False
+
+
+class ConsultationError(NodeError, ValueError):
+    """A consultation question is refused: the study is not analysed, a limit is reached, no such
+    consultation.  The message is shown to the person who asked (no identifiers in it)."""
+
+
+class ConsultationLimitError(ConsultationError):
+    """A consultation question is refused by the study's turn limit or token budget."""
 
 
 class SpoolError(NodeError, OSError):

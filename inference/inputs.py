@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -12,7 +13,7 @@ import numpy.typing as npt
 
 from inference.findings import InputImage, ModelIdentity, SpineFindings
 
-__all__ = ["ImageSizePolicy", "ModelImage", "ModelInput", "SpineModel", "Task"]
+__all__ = ["ConsultAnswer", "ImageSizePolicy", "ModelImage", "ModelInput", "SpineModel", "Task", "Turn"]
 
 
 class Task(StrEnum):
@@ -115,6 +116,34 @@ class ModelInput:
                 raise ValueError(f"images: image {i} has ref.index {img.ref.index}")
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One answered question of a consultation: what was asked and what the model answered."""
+
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ConsultAnswer:
+    """The model's answer to one consultation question.
+
+    Attributes
+    ----------
+    text
+        The answer as generated (the same text :meth:`SpineModel.consult` streamed to ``on_text``).
+    prompt_tokens, completion_tokens
+        Tokens the request carried (images, findings, prior turns, question) and tokens generated.
+    truncated
+        The answer stopped at its token limit, not at its natural end.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: bool = False
+
+
 @runtime_checkable
 class SpineModel(Protocol):
     """A loaded model.  Load once per worker, then call :meth:`analyze` per study."""
@@ -134,5 +163,28 @@ class SpineModel(Protocol):
         ------
         inference.errors.InferenceError
             The model failed, timed out or produced output that does not validate.
+        """
+        ...
+
+    def consult(
+        self,
+        inputs: ModelInput,
+        findings: SpineFindings,
+        history: Sequence[Turn],
+        question: str,
+        on_text: Callable[[str], None],
+        *,
+        max_new_tokens: int,
+    ) -> ConsultAnswer:
+        """Answer a follow-up question about one analysed study, as a multi-turn conversation.
+
+        The conversation is :func:`inference.prompts.build_consult_messages`: the study's images, its
+        findings as JSON, the prior ``history`` and ``question``.  Generation is free text (not
+        schema-constrained); each new piece of text is passed to ``on_text`` as it is generated.
+
+        Raises
+        ------
+        inference.errors.InferenceError
+            The model failed or timed out (:class:`~inference.errors.InferenceTimeoutError`).
         """
         ...

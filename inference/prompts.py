@@ -16,17 +16,22 @@ Change :data:`PROMPT_VERSION` whenever the text changes: it is recorded in every
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Final
 
-from inference.findings import DISC_FINDINGS, FindingType, Laterality, MeasurementType, Severity
-from inference.inputs import ModelInput, Task
+from inference.findings import DISC_FINDINGS, FindingType, Laterality, MeasurementType, Severity, SpineFindings
+from inference.inputs import ModelInput, Task, Turn
 from inference.schema import SCHEMA_ID, answer_schema
 
 __all__ = [
+    "CONSULT_PROMPT_VERSION",
     "PROMPT_VERSION",
     "ChatMessage",
+    "build_consult_messages",
     "build_messages",
+    "consult_system_prompt",
     "describe_image",
+    "findings_json",
     "prompt_corpus",
     "system_prompt",
     "task_instructions",
@@ -34,6 +39,9 @@ __all__ = [
 
 #: Version of the prompt text, recorded in :class:`~inference.findings.ModelIdentity`.
 PROMPT_VERSION: Final = "spine-report-v2"  # v2: severity none on a condition = assessed, absent
+
+#: Version of the consultation prompt text (:func:`build_consult_messages`).
+CONSULT_PROMPT_VERSION: Final = "spine-consult-v1"
 
 #: A chat message: ``{"role": ..., "content": str | list[part]}``; an image part is
 #: ``{"type": "image", "image_index": i}`` and a text part ``{"type": "text", "text": ...}``.
@@ -186,6 +194,78 @@ def build_messages(inputs: ModelInput, *, include_schema: bool = False) -> list[
         {"role": "system", "content": system_prompt()},
         {"role": "user", "content": content},
     ]
+
+
+_CONSULT_SYSTEM: Final = (
+    _SYSTEM
+    + " Now a radiologist or surgeon asks follow-up questions about one study you analysed. Answer in plain "
+    "text, briefly, from the images and the findings given; refer to images by their index and to levels by "
+    "name; say when the images cannot answer a question. Never invent patient details."
+)
+
+_MAX_QUESTION_CHARS: Final = 2000
+
+
+def consult_system_prompt() -> str:
+    """Return the system prompt of a consultation."""
+    return _CONSULT_SYSTEM
+
+
+def findings_json(findings: SpineFindings) -> str:
+    """The study's findings as the compact JSON the consultation carries: the per-level findings and the
+    six report sections of the model's answer (no identifiers: the answer holds none)."""
+    return json.dumps(findings.answer.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False)
+
+
+def build_consult_messages(
+    inputs: ModelInput, findings: SpineFindings, history: Sequence[Turn], question: str
+) -> list[ChatMessage]:
+    """Build the chat messages of one consultation turn.
+
+    Parameters
+    ----------
+    inputs
+        The study's model images (re-prepared as for the analysis).
+    findings
+        The findings of that analysis.
+    history
+        The turns answered before, oldest first.
+    question
+        The new question.
+
+    Returns
+    -------
+    list of dict
+        ``[system, user(images + findings + first question), assistant, user, ..., user(question)]``
+        in the format of :func:`build_messages`.
+
+    Raises
+    ------
+    ValueError
+        ``question`` is empty.
+    """
+    question = question.strip()[:_MAX_QUESTION_CHARS]
+    if not question:
+        raise ValueError("question: empty")
+    n = len(inputs.images)
+    content: list[dict[str, Any]] = [
+        {"type": "text", "text": f"Spine {inputs.modality} study, {n} image{'s' if n != 1 else ''}. "
+                                 "Image indices start at 0."}
+    ]
+    for i in range(n):
+        content.append({"type": "text", "text": "\n" + describe_image(inputs, i) + ":\n"})
+        content.append({"type": "image", "image_index": i})
+    content.append({"type": "text", "text": "\nYour findings for this study (JSON):\n" + findings_json(findings)})
+    asked = [*(t.question for t in history), question]
+    messages: list[ChatMessage] = [{"role": "system", "content": consult_system_prompt()}]
+    for i, q in enumerate(asked):
+        if i == 0:
+            messages.append({"role": "user", "content": [*content, {"type": "text", "text": "\nQuestion: " + q}]})
+        else:
+            messages.append({"role": "user", "content": q})
+        if i < len(history):
+            messages.append({"role": "assistant", "content": history[i].answer})
+    return messages
 
 
 def prompt_corpus() -> list[str]:

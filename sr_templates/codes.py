@@ -141,6 +141,10 @@ class SpineCodes:
     # --- narrative report (TID 2000-like)
     DIAGNOSTIC_IMAGING_REPORT = codes.LN.DiagnosticImagingReport  # 18748-4
 
+    # --- consultation (sr_templates.consultation): questions and answers about a report
+    REQUEST = codes.DCM.Request  # 121062: a question asked
+    SOURCE_REPORT = codes.DCM.SourceReport  # 128225: the SR the consultation discusses
+
 
 _K = TypeVar("_K")
 

@@ -20,6 +20,7 @@ from inference.findings import ModelIdentity
 __all__ = [
     "NAMESPACE",
     "check_uid_prefix",
+    "consultation_uids",
     "content_digest",
     "device_observer_uid",
     "output_series_uid",
@@ -139,3 +140,10 @@ def sop_instance_uid(
             digest,
         ],
     )
+
+
+def consultation_uids(study_instance_uid: str, digest: str, prefix: str | None = None) -> tuple[str, str]:
+    """``(series UID, SOP Instance UID)`` of a saved consultation: one series per study for all its
+    consultations, one instance per saved content (``digest``: :func:`content_digest` of it)."""
+    return (_uid(prefix, ["series", study_instance_uid, "consultation"]),
+            _uid(prefix, ["sop", "consultation", study_instance_uid, digest]))

@@ -24,10 +24,13 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
-from dicom_node.errors import JobNotFoundError, StoreError
+from dicom_node.errors import ConsultationError, ConsultationLimitError, JobNotFoundError, StoreError
 from dicom_node.jobs.model import (
     FINAL_STATES,
     JOB_COLUMNS,
+    TURN_COLUMNS,
+    Consultation,
+    ConsultTurn,
     Delivery,
     EndEvent,
     InstanceRecord,
@@ -35,7 +38,9 @@ from dicom_node.jobs.model import (
     JobState,
     OpsStats,
     OutputRecord,
+    TurnState,
     job_from_row,
+    turn_from_row,
 )
 
 __all__ = ["Cursor", "SQLJobStore"]
@@ -394,6 +399,231 @@ class SQLJobStore:
                     (to, now, now, job_id))
             self._event(cur, job.study_instance_uid, job.state, to, "retry requested")
             return self._job(cur, job_id)
+
+    def add_outputs(
+        self,
+        job_id: int,
+        outputs: Sequence[OutputRecord],
+        destinations: Sequence[str],
+        kinds: Mapping[str, frozenset[str]] | None = None,
+        *,
+        detail: str,
+    ) -> Job:
+        """Add result objects to a done job's current revision (a saved consultation) with their pending
+        deliveries; with any delivery to make, the job goes back to ``exporting`` and the worker sends them
+        like every result (acknowledged ones are never sent again).
+
+        Raises
+        ------
+        ConsultationError
+            The job is not done, or an output is not of its current revision.
+        """
+        now = time.time()
+        with self._tx() as cur:
+            job = self._fetch_job(cur, "id = ?", (job_id,), lock=True)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            if job.state is not JobState.DONE or job.lease_owner is not None:
+                raise ConsultationError(f"job {job_id} is {job.state}: results can be added to a done job only "
+                                        "(its results are being sent: save again in a moment)")
+            queued = 0
+            for o in outputs:
+                if o.revision != job.revision or o.study_instance_uid != job.study_instance_uid:
+                    raise ConsultationError(f"job {job_id}: an output is not of the job's revision {job.revision}")
+                self._x(cur, "INSERT INTO outputs(sop_instance_uid, study_uid, revision, kind, sop_class_uid, path) "
+                        "VALUES (?,?,?,?,?,?) ON CONFLICT (sop_instance_uid) DO NOTHING",
+                        (o.sop_instance_uid, o.study_instance_uid, o.revision, o.kind, o.sop_class_uid, o.path))
+                for dest in destinations:
+                    if kinds is not None and dest in kinds and o.kind not in kinds[dest]:
+                        continue
+                    queued += self._x(cur, "INSERT INTO deliveries(output_uid, destination) VALUES (?, ?) "
+                                      "ON CONFLICT DO NOTHING", (o.sop_instance_uid, dest)).rowcount
+            if queued:
+                timings = dict(job.timings)
+                timings[str(JobState.EXPORTING)] = now
+                self._x(cur, "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = NULL, timings = ? "
+                        "WHERE id = ?", (JobState.EXPORTING, now, self._json(timings), job_id))
+                self._event(cur, job.study_instance_uid, job.state, JobState.EXPORTING, detail)
+            return self._job(cur, job_id)
+
+    # ------------------------------------------------------------------ consultations
+    def record_findings(self, study_uid: str, revision: int, findings_json: str) -> None:
+        """Keep one analysis's findings (JSON) for consultations about it."""
+        with self._tx() as cur:
+            self._x(cur, "INSERT INTO analysis_findings(study_uid, revision, findings) VALUES (?,?,?) "
+                    "ON CONFLICT (study_uid, revision) DO UPDATE SET findings = excluded.findings",
+                    (study_uid, revision, findings_json))
+
+    def findings(self, study_uid: str, revision: int) -> str | None:
+        """The findings JSON of one analysis (``None``: not kept, e.g. analysed by an older node)."""
+        rows = self._rows("SELECT findings FROM analysis_findings WHERE study_uid = ? AND revision = ?",
+                          (study_uid, revision))
+        return str(rows[0][0]) if rows else None
+
+    _CONSULT_COLUMNS: ClassVar[str] = "id, job_id, study_uid, revision, created_by, created_at, saved_uid"
+
+    @staticmethod
+    def _consultation_of(row: Sequence[Any]) -> Consultation:
+        r = tuple(row)
+        return Consultation(int(r[0]), int(r[1]), r[2], int(r[3]), r[4], float(r[5]), r[6])
+
+    @staticmethod
+    def _consultable(job: Job) -> None:
+        if job.state not in (JobState.DONE, JobState.EXPORTING) or job.revision < 1:
+            raise ConsultationError(f"job {job.id} is {job.state}: only a study the node has analysed and "
+                                    "delivered (job done, with results) can be consulted")
+
+    def open_consultation(self, job_id: int, created_by: str) -> Consultation:
+        """Start a consultation about the job's current revision.
+
+        Raises
+        ------
+        JobNotFoundError
+            No such job.
+        ConsultationError
+            The job is not done with results.
+        """
+        with self._tx() as cur:
+            job = self._fetch_job(cur, "id = ?", (job_id,), lock=True)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            self._consultable(job)
+            row = self._x(cur, "INSERT INTO consultations(job_id, study_uid, revision, created_by, created_at) "
+                          f"VALUES (?,?,?,?,?) RETURNING {self._CONSULT_COLUMNS}",
+                          (job.id, job.study_instance_uid, job.revision, created_by, time.time())).fetchone()
+            return self._consultation_of(row)
+
+    def consultation(self, consultation_id: int) -> Consultation:
+        """One consultation; :class:`ConsultationError` when there is none with that id."""
+        rows = self._rows(f"SELECT {self._CONSULT_COLUMNS} FROM consultations WHERE id = ?", (consultation_id,))
+        if not rows:
+            raise ConsultationError(f"no consultation {consultation_id}")
+        return self._consultation_of(rows[0])
+
+    def consultations(self, job_id: int) -> list[Consultation]:
+        """The job's consultations, oldest first."""
+        rows = self._rows(f"SELECT {self._CONSULT_COLUMNS} FROM consultations WHERE job_id = ? ORDER BY id", (job_id,))
+        return [self._consultation_of(r) for r in rows]
+
+    def ask(self, consultation_id: int, question: str, asked_by: str, *, max_turns: int,
+            token_budget: int) -> ConsultTurn:
+        """Queue a question (one at a time per consultation), within the study's turn limit and token budget.
+
+        Turns answered ``busy`` (no worker took them) do not count.
+
+        Raises
+        ------
+        ConsultationError
+            No such consultation; the study is no longer done with this revision; a question is still
+            being answered; the turn limit or the token budget is reached.
+        """
+        now = time.time()
+        with self._tx() as cur:
+            row = self._x(cur, f"SELECT {self._CONSULT_COLUMNS} FROM consultations WHERE id = ?",
+                          (consultation_id,)).fetchone()
+            if row is None:
+                raise ConsultationError(f"no consultation {consultation_id}")
+            c = self._consultation_of(row)
+            job = self._fetch_job(cur, "id = ?", (c.job_id,), lock=True)
+            if job is None:
+                raise JobNotFoundError(c.job_id)
+            self._consultable(job)
+            if job.revision != c.revision:
+                raise ConsultationError("the study was analysed again since this consultation began: start a new one")
+            open_turns = self._x(cur, "SELECT COUNT(*) FROM consult_turns WHERE consultation_id = ? "
+                                 "AND state IN (?, ?)",
+                                 (c.id, TurnState.QUEUED, TurnState.ANSWERING)).fetchone()[0]
+            if int(open_turns):
+                raise ConsultationError("the previous question is still being answered")
+            used_turns, used_tokens = self._x(
+                cur, "SELECT COUNT(*), COALESCE(SUM(t.prompt_tokens + t.completion_tokens), 0) FROM consult_turns t "
+                "JOIN consultations c ON c.id = t.consultation_id WHERE c.study_uid = ? AND t.state != ?",
+                (c.study_instance_uid, TurnState.BUSY)).fetchone()
+            if int(used_turns) >= max_turns:
+                raise ConsultationLimitError(f"turn limit reached: {max_turns} questions per study "
+                                        "([consultation] max_turns)")
+            if int(used_tokens) >= token_budget:
+                raise ConsultationLimitError(f"token budget spent: {int(used_tokens)} of {token_budget} tokens "
+                                             "for this study ([consultation] token_budget)")
+            seq = int(self._x(cur, "SELECT COALESCE(MAX(seq), 0) FROM consult_turns WHERE consultation_id = ?",
+                              (c.id,)).fetchone()[0]) + 1
+            row = self._x(cur, "INSERT INTO consult_turns(consultation_id, seq, question, state, asked_by, asked_at) "
+                          f"VALUES (?,?,?,?,?,?) RETURNING {TURN_COLUMNS}",
+                          (c.id, seq, question, TurnState.QUEUED, asked_by, now)).fetchone()
+            return turn_from_row(row)
+
+    def turn(self, turn_id: int) -> ConsultTurn:
+        rows = self._rows(f"SELECT {TURN_COLUMNS} FROM consult_turns WHERE id = ?", (turn_id,))
+        if not rows:
+            raise ConsultationError(f"no consultation turn {turn_id}")
+        return turn_from_row(rows[0])
+
+    def turns(self, consultation_id: int) -> list[ConsultTurn]:
+        rows = self._rows(f"SELECT {TURN_COLUMNS} FROM consult_turns WHERE consultation_id = ? ORDER BY seq",
+                          (consultation_id,))
+        return [turn_from_row(r) for r in rows]
+
+    def study_tokens(self, study_uid: str) -> int:
+        """Tokens the study's consultations have used (prompt and answer, every turn)."""
+        rows = self._rows("SELECT COALESCE(SUM(t.prompt_tokens + t.completion_tokens), 0) FROM consult_turns t "
+                          "JOIN consultations c ON c.id = t.consultation_id WHERE c.study_uid = ?", (study_uid,))
+        return int(rows[0][0])
+
+    def claim_turn(self, owner: str, now: float) -> ConsultTurn | None:
+        """Take the oldest queued question (``answering``, by ``owner``); ``None`` when none waits."""
+        with self._tx() as cur:
+            row = self._x(cur, f"SELECT {TURN_COLUMNS} FROM consult_turns WHERE state = ? ORDER BY id "
+                          f"LIMIT 1{self.skip_locked}", (TurnState.QUEUED,)).fetchone()
+            if row is None:
+                return None
+            turn = turn_from_row(row)
+            self._x(cur, "UPDATE consult_turns SET state = ?, worker = ?, started_at = ? WHERE id = ?",
+                    (TurnState.ANSWERING, owner, now, turn.id))
+            return turn_from_row(self._x(cur, f"SELECT {TURN_COLUMNS} FROM consult_turns WHERE id = ?",
+                                         (turn.id,)).fetchone())
+
+    def write_answer(self, turn_id: int, owner: str, answer: str) -> None:
+        """Store the answer generated so far (the web side streams it from here)."""
+        with self._tx() as cur:
+            self._x(cur, "UPDATE consult_turns SET answer = ? WHERE id = ? AND worker = ? AND state = ?",
+                    (answer, turn_id, owner, TurnState.ANSWERING))
+
+    def finish_turn(self, turn_id: int, owner: str, state: TurnState, answer: str, *, error: str | None = None,
+                    prompt_tokens: int = 0, completion_tokens: int = 0) -> ConsultTurn:
+        """End a turn the worker answered (``answered``) or could not answer (``failed``, with ``error``)."""
+        if state not in (TurnState.ANSWERED, TurnState.FAILED):
+            raise ValueError(f"state: a worker ends a turn answered or failed, not {state}")
+        with self._tx() as cur:
+            self._x(cur, "UPDATE consult_turns SET state = ?, answer = ?, error = ?, prompt_tokens = ?, "
+                    "completion_tokens = ?, answered_at = ? WHERE id = ? AND worker = ?",
+                    (state, answer, error, prompt_tokens, completion_tokens, time.time(), turn_id, owner))
+            row = self._x(cur, f"SELECT {TURN_COLUMNS} FROM consult_turns WHERE id = ?", (turn_id,)).fetchone()
+            if row is None:
+                raise ConsultationError(f"no consultation turn {turn_id}")
+            return turn_from_row(row)
+
+    def give_up_turn(self, turn_id: int, error: str) -> bool:
+        """End a turn no worker has taken (``busy``); ``False`` when a worker took it meanwhile."""
+        with self._tx() as cur:
+            return self._x(cur, "UPDATE consult_turns SET state = ?, error = ?, answered_at = ? WHERE id = ? "
+                           "AND state = ?", (TurnState.BUSY, error, time.time(), turn_id, TurnState.QUEUED)
+                           ).rowcount == 1
+
+    def answering_workers(self) -> set[str]:
+        """The workers holding a turn ``answering`` (to find turns of a worker that died)."""
+        return {str(w) for (w,) in self._rows("SELECT DISTINCT worker FROM consult_turns WHERE state = ?",
+                                              (TurnState.ANSWERING,)) if w}
+
+    def fail_turns_of(self, owner: str, error: str) -> int:
+        """End ``failed`` every turn a dead worker was answering; returns how many."""
+        with self._tx() as cur:
+            return int(self._x(cur, "UPDATE consult_turns SET state = ?, error = ?, answered_at = ? WHERE state = ? "
+                               "AND worker = ?", (TurnState.FAILED, error, time.time(), TurnState.ANSWERING, owner)
+                               ).rowcount)
+
+    def mark_saved(self, consultation_id: int, sop_instance_uid: str) -> None:
+        with self._tx() as cur:
+            self._x(cur, "UPDATE consultations SET saved_uid = ? WHERE id = ?", (sop_instance_uid, consultation_id))
 
     # ------------------------------------------------------------------ reading
     def counts(self) -> dict[str, int]:

@@ -23,6 +23,10 @@ __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
     "JOB_COLUMNS",
+    "TURN_COLUMNS",
+    "TURN_FINAL_STATES",
+    "ConsultTurn",
+    "Consultation",
     "Delivery",
     "EndEvent",
     "InstanceRecord",
@@ -31,7 +35,9 @@ __all__ = [
     "JobStore",
     "OpsStats",
     "OutputRecord",
+    "TurnState",
     "job_from_row",
+    "turn_from_row",
 ]
 
 
@@ -136,6 +142,72 @@ class OpsStats:
     deliveries_delivered: int
 
 
+class TurnState(StrEnum):
+    """A consultation question's way: queued (web) → answering (worker) → answered | failed; or busy (no
+    worker took it in time)."""
+
+    QUEUED = "queued"
+    ANSWERING = "answering"
+    ANSWERED = "answered"
+    FAILED = "failed"
+    BUSY = "busy"
+
+
+#: Turn states that will not change any more.
+TURN_FINAL_STATES = frozenset({TurnState.ANSWERED, TurnState.FAILED, TurnState.BUSY})
+
+
+@dataclass(frozen=True)
+class Consultation:
+    """Follow-up questions about one analysed job revision."""
+
+    id: int
+    job_id: int
+    study_instance_uid: str
+    revision: int
+    created_by: str
+    created_at: float
+    #: SOP Instance UID of the consultation SR saved from it (``None``: not saved)
+    saved_uid: str | None
+
+
+@dataclass(frozen=True)
+class ConsultTurn:
+    """One question of a consultation and its answer (written progressively while ``answering``)."""
+
+    id: int
+    consultation_id: int
+    seq: int
+    question: str
+    answer: str
+    state: TurnState
+    error: str | None
+    asked_by: str
+    asked_at: float
+    started_at: float | None
+    answered_at: float | None
+    worker: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def final(self) -> bool:
+        return self.state in TURN_FINAL_STATES
+
+
+TURN_COLUMNS = (
+    "id, consultation_id, seq, question, answer, state, error, asked_by, asked_at, started_at, answered_at, "
+    "worker, prompt_tokens, completion_tokens"
+)
+
+
+def turn_from_row(row: Sequence[Any]) -> ConsultTurn:
+    """A ``consult_turns`` row (:data:`TURN_COLUMNS`) as a :class:`ConsultTurn`."""
+    r = tuple(row)
+    return ConsultTurn(int(r[0]), int(r[1]), int(r[2]), r[3], r[4], TurnState(r[5]), r[6], r[7], float(r[8]),
+                       r[9], r[10], r[11], int(r[12]), int(r[13]))
+
+
 class JobStore(Protocol):
     """What the receiver, the scheduler and the worker need from durable storage."""
 
@@ -185,6 +257,34 @@ class JobStore(Protocol):
     def events(self, study_uid: str) -> list[dict[str, Any]]: ...
     def end_events(self, after_id: int, limit: int = 100) -> list[EndEvent]: ...
     def last_event_id(self) -> int: ...
+
+    def add_outputs(
+        self,
+        job_id: int,
+        outputs: Sequence[OutputRecord],
+        destinations: Sequence[str],
+        kinds: Mapping[str, frozenset[str]] | None = None,
+        *,
+        detail: str,
+    ) -> Job: ...
+    def record_findings(self, study_uid: str, revision: int, findings_json: str) -> None: ...
+    def findings(self, study_uid: str, revision: int) -> str | None: ...
+    def open_consultation(self, job_id: int, created_by: str) -> Consultation: ...
+    def consultation(self, consultation_id: int) -> Consultation: ...
+    def consultations(self, job_id: int) -> list[Consultation]: ...
+    def ask(self, consultation_id: int, question: str, asked_by: str, *, max_turns: int,
+            token_budget: int) -> ConsultTurn: ...
+    def turn(self, turn_id: int) -> ConsultTurn: ...
+    def turns(self, consultation_id: int) -> list[ConsultTurn]: ...
+    def study_tokens(self, study_uid: str) -> int: ...
+    def claim_turn(self, owner: str, now: float) -> ConsultTurn | None: ...
+    def write_answer(self, turn_id: int, owner: str, answer: str) -> None: ...
+    def finish_turn(self, turn_id: int, owner: str, state: TurnState, answer: str, *, error: str | None = None,
+                    prompt_tokens: int = 0, completion_tokens: int = 0) -> ConsultTurn: ...
+    def give_up_turn(self, turn_id: int, error: str) -> bool: ...
+    def answering_workers(self) -> set[str]: ...
+    def fail_turns_of(self, owner: str, error: str) -> int: ...
+    def mark_saved(self, consultation_id: int, sop_instance_uid: str) -> None: ...
 
     def ops_stats(self) -> OpsStats: ...
     def schema_version(self) -> str | None: ...

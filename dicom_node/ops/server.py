@@ -50,7 +50,7 @@ class NodeOps:
         )
         self.http: HttpServer | None = None
         if config.http.enabled:
-            app = build_app(config, self.readiness, self.collector)
+            app = build_app(config, self.readiness, self.collector, receiver.audit)
             self.http = HttpServer(app, config.http.host, config.http.port)
         self.http_port: int | None = None
 

@@ -30,6 +30,7 @@ from dicom_node.jobs.completeness import due_at
 from dicom_node.jobs.model import Job, JobState, JobStore, OutputRecord
 from dicom_node.log import get_logger, phi_hash, use_phi_key
 from dicom_node.ops.audit import open_audit
+from dicom_node.work.consult import ConsultationServer
 from dicom_node.work.heartbeat import HeartbeatWriter, heartbeat_path
 from dicom_node.work.pipeline import Pipeline, output_kind
 from dicom_node.work.priors import look_up_prior
@@ -149,6 +150,7 @@ class Worker:
         self.audit = open_audit(config)
         self.heartbeat = HeartbeatWriter(heartbeat_path(config.node.data_dir))
         self.headers = HeaderCache()
+        self.consultations = ConsultationServer(config, store, self.pipeline, self.audit, self.owner)
 
     # ------------------------------------------------------------------ lifecycle
     def reclaim_dead_leases(self) -> int:
@@ -163,6 +165,10 @@ class Worker:
             if pid != os.getpid() and not _pid_alive(pid):
                 self.store.force_release(job.id)
                 n += 1
+        for owner in self.store.answering_workers():  # consultation turns it was answering: ask again
+            if owner.startswith(host + ":") and int(owner.split(":")[1]) != os.getpid() \
+                    and not _pid_alive(int(owner.split(":")[1])):
+                n += self.store.fail_turns_of(owner, "the worker stopped while answering: ask again")
         return n
 
     def stop(self) -> None:
@@ -178,7 +184,8 @@ class Worker:
             self.heartbeat.ready(ident.name, ident.version, ident.demo)
             log.info("worker ready", model=ident.name, warm_up_s=round(warm, 3))
             while not self._stop.is_set():
-                if self.run_once():
+                # consultation questions first: someone waits for each; they never interrupt a study
+                if self._consult() or self.run_once():
                     continue
                 # idle: read the headers of studies still arriving, in short turns between claims
                 if not self._prefetch():
@@ -202,6 +209,16 @@ class Worker:
             log.exception("job failed with an internal error", job=job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
         return True
+
+    def _consult(self) -> bool:
+        """Answer the queued consultation questions; ``False`` when there were none."""
+        if not self.config.consultation.enabled:
+            return False
+        try:
+            return self.consultations.serve_pending() > 0
+        except Exception:  # a store problem: the claim of the next study reports it too
+            log.exception("consultation queue failed")
+            return False
 
     def idle_wait(self, now: float | None = None) -> float:
         """How long an idle worker waits before it looks for work again: ``poll_interval_s``, or until just
@@ -301,6 +318,8 @@ class Worker:
                     else f"compared with a prior study: {len(outcome.comparison.changes)} changes")
             log.info("comparison with prior", job=job.id, compared=outcome.comparison.prior is not None,
                      seconds=round(prior_s, 3))
+        if outcome.findings is not None:  # what a consultation about this revision carries
+            self.store.record_findings(job.study_instance_uid, revision, outcome.findings.model_dump_json())
         return self.store.finish_report(job.id, self.owner, revision, records_out, destinations, kinds, note)
 
     def _analysis_failed(self, job: Job, exc: InferenceError) -> Job:

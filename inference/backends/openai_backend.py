@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,9 +28,9 @@ from inference.errors import (
     InvalidModelOutputError,
 )
 from inference.findings import ModelIdentity, SpineFindings
-from inference.inputs import ImageSizePolicy, ModelImage, ModelInput
+from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelImage, ModelInput, Turn
 from inference.postprocess import to_findings
-from inference.prompts import PROMPT_VERSION, build_messages
+from inference.prompts import PROMPT_VERSION, build_consult_messages, build_messages
 from inference.schema import SchemaLimits, answer_schema, parse_answer
 from inference.settings import ModelSettings
 
@@ -132,8 +133,11 @@ class OpenAIBackend:
 
     def messages(self, inputs: ModelInput) -> list[dict[str, Any]]:
         """Chat messages of one request, images as PNG data URLs."""
+        return self._with_images(build_messages(inputs, include_schema=self.schema_in_prompt), inputs)
+
+    def _with_images(self, messages: list[dict[str, Any]], inputs: ModelInput) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for msg in build_messages(inputs, include_schema=self.schema_in_prompt):
+        for msg in messages:
             content = msg["content"]
             if isinstance(content, list):
                 content = [
@@ -144,6 +148,80 @@ class OpenAIBackend:
                 ]
             out.append({"role": msg["role"], "content": content})
         return out
+
+    def consult(
+        self,
+        inputs: ModelInput,
+        findings: SpineFindings,
+        history: Sequence[Turn],
+        question: str,
+        on_text: Callable[[str], None],
+        *,
+        max_new_tokens: int,
+    ) -> ConsultAnswer:
+        """Answer a follow-up question about one analysed study: one streamed chat completion
+        (``stream=True``; each content delta goes to ``on_text`` as it arrives).
+
+        Token counts are the server's ``usage`` (asked for with ``stream_options.include_usage``); a
+        server that sends none is counted by its content chunks (about one token each).
+
+        Raises
+        ------
+        ValueError
+            ``max_new_tokens`` is below 1, or ``question`` is empty.
+        BackendUnavailableError
+            The server cannot be reached or refuses.
+        InferenceTimeoutError
+            No complete answer within ``settings.openai.timeout_s`` / ``settings.timeout_s``.
+        InferenceError
+            Any other error of the server.
+        """
+        import openai
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be 1 or more, got {max_new_tokens}")
+        s = self.settings
+        messages = self._with_images(build_consult_messages(inputs, findings, history, question), inputs)
+        timeout = min(s.timeout_s, s.openai.timeout_s)
+        deadline = time.monotonic() + timeout
+        create: Any = self._client.chat.completions.create
+        parts: list[str] = []
+        chunks = prompt_tokens = completion_tokens = 0
+        finish: str | None = None
+        try:
+            stream = create(model=s.openai.model, messages=messages, max_tokens=max_new_tokens,
+                            temperature=s.temperature, seed=s.seed, timeout=timeout, stream=True,
+                            stream_options={"include_usage": True})
+            with stream:
+                for chunk in stream:
+                    if time.monotonic() > deadline:
+                        raise InferenceTimeoutError(f"model server: answer not complete within {timeout:.0f} s")
+                    usage = getattr(chunk, "usage", None)
+                    if usage is not None:
+                        prompt_tokens = int(usage.prompt_tokens or 0)
+                        completion_tokens = int(usage.completion_tokens or 0)
+                    for choice in chunk.choices or ():
+                        text = choice.delta.content if choice.delta is not None else None
+                        if text:
+                            chunks += 1
+                            parts.append(text)
+                            on_text(text)
+                        if choice.finish_reason:
+                            finish = str(choice.finish_reason)
+        except openai.APITimeoutError as exc:
+            raise InferenceTimeoutError(
+                f"model server: no answer within {timeout:.0f} s ({s.openai.base_url})") from exc
+        except openai.APIConnectionError as exc:
+            raise BackendUnavailableError(f"model server {s.openai.base_url} unreachable: {exc}") from exc
+        except openai.APIStatusError as exc:
+            detail = str(exc.message)[:300]
+            if exc.status_code in (401, 403, 404, 408, 429) or exc.status_code >= 500:
+                raise BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}") from exc
+            raise InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}") from exc
+        except openai.OpenAIError as exc:
+            raise InferenceError(f"model server: {type(exc).__name__}: {exc}") from exc
+        return ConsultAnswer(text="".join(parts), prompt_tokens=prompt_tokens,
+                             completion_tokens=completion_tokens or chunks, truncated=finish == "length")
 
     def _complete(self, messages: list[dict[str, Any]], schema: dict[str, Any], timeout: float) -> str:
         import openai

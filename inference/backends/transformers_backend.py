@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -31,9 +31,9 @@ from inference.errors import (
     InvalidModelOutputError,
 )
 from inference.findings import ModelIdentity, SpineFindings
-from inference.inputs import ImageSizePolicy, ModelImage, ModelInput
+from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelImage, ModelInput, Turn
 from inference.postprocess import to_findings
-from inference.prompts import PROMPT_VERSION, build_messages
+from inference.prompts import PROMPT_VERSION, build_consult_messages, build_messages
 from inference.schema import SchemaLimits, answer_schema, parse_answer
 from inference.settings import ModelSettings
 
@@ -45,6 +45,7 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "DeadlineCriteria",
     "LLGuidanceLogitsProcessor",
+    "TextCallbackStreamer",
     "TransformersBackend",
     "resolve_device_dtype",
     "resolve_model_dir",
@@ -274,6 +275,52 @@ class DeadlineCriteria(_make_stopping_base()):  # type: ignore[misc]
         return torch.full((input_ids.shape[0],), self.expired, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
+def _make_streamer_base() -> type[Any]:
+    from transformers.generation.streamers import BaseStreamer
+
+    return BaseStreamer
+
+
+class TextCallbackStreamer(_make_streamer_base()):  # type: ignore[misc]
+    """Pass each new piece of generated text to a callback, in the generating thread (batch size 1).
+
+    The answer's tokens are decoded together each time (a character can span tokens) and only the new
+    text is passed on; the first :meth:`put` (the prompt) is skipped.
+
+    Parameters
+    ----------
+    tokenizer
+        The model's tokenizer.
+    on_text
+        Called with each new piece of text.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._on_text = on_text
+        self._prompt_seen = False
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = str(self._tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if text.endswith("\ufffd"):  # a character not complete yet: wait for its next token
+            return
+        if text.startswith(self.text) and len(text) > len(self.text):
+            new, self.text = text[len(self.text):], text
+            self._on_text(new)
+
+    def end(self) -> None:
+        text = str(self._tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if text.startswith(self.text) and len(text) > len(self.text):
+            self._on_text(text[len(self.text):])
+        self.text = text
+
+
 # ------------------------------------------------------------------------------------------ backend
 def _short(text: str, n: int = 64) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -329,6 +376,8 @@ class TransformersBackend:
         #: token counts of the last generation (prompt, answer), for benchmarks and logs
         self.last_prompt_tokens = 0
         self.last_generated_tokens = 0
+        #: the chat messages of the last consultation turn (images as ``image_index`` parts)
+        self.last_consult_messages: list[dict[str, Any]] = []
         self.model_dir = resolve_model_dir(settings)
         self.device, self.dtype = resolve_device_dtype(settings)
         self.static_cache = settings.static_cache == "on" or (
@@ -535,6 +584,88 @@ class TransformersBackend:
             time.monotonic() - started,
         )
         return findings
+
+    def consult(
+        self,
+        inputs: ModelInput,
+        findings: SpineFindings,
+        history: Sequence[Turn],
+        question: str,
+        on_text: Callable[[str], None],
+        *,
+        max_new_tokens: int,
+    ) -> ConsultAnswer:
+        """Answer a follow-up question about one analysed study (free text, streamed to ``on_text``).
+
+        The images go through the processor as for :meth:`analyze`; generation is greedy (or sampled with
+        ``settings.temperature``), not constrained, and stops at ``max_new_tokens`` or the model's end.
+
+        Raises
+        ------
+        ValueError
+            ``max_new_tokens`` is below 1, or ``question`` is empty.
+        InferenceError
+            The model failed, or timed out after ``settings.timeout_s`` (:class:`InferenceTimeoutError`).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be 1 or more, got {max_new_tokens}")
+        messages = build_consult_messages(inputs, findings, history, question)
+        self.last_consult_messages = messages
+        return _consult(self, inputs, messages, on_text, max_new_tokens)
+
+
+def _consult(
+    backend: TransformersBackend,
+    inputs: ModelInput,
+    messages: list[dict[str, Any]],
+    on_text: Callable[[str], None],
+    max_new_tokens: int,
+) -> ConsultAnswer:
+    import torch
+    from transformers import StoppingCriteriaList
+
+    s = backend.settings
+    deadline = time.monotonic() + s.timeout_s
+    text = backend.processor.apply_chat_template(_to_processor_messages(messages), add_generation_prompt=True,
+                                                 tokenize=False)
+    try:
+        encoded = backend.processor(text=[text], images=[to_pil(img) for img in inputs.images], return_tensors="pt")
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InferenceError(f"model processor rejected the images: {exc}") from exc
+    encoded = encoded.to(backend.device)
+    prompt_length = int(encoded["input_ids"].shape[1])
+    stop = DeadlineCriteria(deadline)
+    streamer = TextCallbackStreamer(backend.processor.tokenizer, on_text)
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": s.temperature > 0}
+    if s.temperature > 0:
+        gen_kwargs.update(temperature=s.temperature, top_p=1.0, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    with backend._lock:
+        torch.manual_seed(s.seed)
+        threads = torch.get_num_threads()
+        if backend.num_threads:
+            torch.set_num_threads(backend.num_threads)
+        try:
+            out = backend.model.generate(**encoded, stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer,
+                                         **gen_kwargs)
+        except torch.OutOfMemoryError as exc:
+            del encoded
+            if backend.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise BackendUnavailableError(f"model: out of {backend.device.type.upper()} memory") from exc
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise InferenceError(f"model: generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            torch.set_num_threads(threads)
+    tokens = out[0, prompt_length:].tolist()
+    backend.last_prompt_tokens, backend.last_generated_tokens = prompt_length, len(tokens)
+    if stop.expired:
+        raise InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s ({len(tokens)} tokens generated)")
+    finished = bool(tokens) and tokens[-1] in backend._eos_ids
+    answer = str(backend.processor.tokenizer.decode(tokens, skip_special_tokens=True))
+    return ConsultAnswer(text=answer, prompt_tokens=prompt_length, completion_tokens=len(tokens),
+                         truncated=not finished)
 
 
 def _to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

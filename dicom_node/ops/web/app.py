@@ -2,9 +2,11 @@
 
 Routes: ``/health/live``, ``/health/ready`` (JSON; 200 or 503), ``/metrics`` (Prometheus text),
 ``/jobs`` (HTML, read-only), ``/jobs/{id}/report/{kind}`` (the result SR rendered by ``dsr2html``),
-``/api/v1/studies/...`` (a study's status as JSON, for the Orthanc plugin: :mod:`dicom_node.ops.web.api`) and
-``/`` (redirects to ``/jobs``).  No route changes anything.  The reports and ``/api/v1`` carry patient data
-and answer only as :mod:`dicom_node.ops.web.auth` allows (a token, else loopback clients).
+``/api/v1/studies/...`` (a study's status as JSON, for the Orthanc plugin: :mod:`dicom_node.ops.web.api`),
+the consultation page and API (``/jobs/{id}/consult``, ``/api/v1/jobs/{id}/consultation``:
+:mod:`dicom_node.ops.web.consult`, the only routes that change anything) and ``/`` (redirects to ``/jobs``).
+The reports, ``/api/v1`` and consultations carry patient data and answer only as
+:mod:`dicom_node.ops.web.auth` allows (a token, else loopback clients).
 
 :class:`HttpServer` binds its socket itself before starting uvicorn in a daemon thread, so a port that
 is taken fails at once with an :class:`OSError` (the receiving node logs it and keeps receiving: DICOM
@@ -27,9 +29,11 @@ from starlette.routing import Route
 from dicom_node.config import NodeConfig
 from dicom_node.errors import JobNotFoundError
 from dicom_node.log import get_logger
+from dicom_node.ops.audit import AuditTrail, open_audit
 from dicom_node.ops.metrics import NodeCollector, render_metrics
 from dicom_node.ops.web.api import api_routes
 from dicom_node.ops.web.auth import Guard, api_token
+from dicom_node.ops.web.consult import consult_routes
 from dicom_node.ops.web.health import Readiness
 from dicom_node.ops.web.pages import ReportError, jobs_page, render_report
 
@@ -40,8 +44,11 @@ log = get_logger(__name__)
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector) -> Starlette:
-    """The read-only HTTP application over one node's store and counters.
+def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector,
+              audit: AuditTrail | None = None) -> Starlette:
+    """The HTTP application over one node's store and counters.
+
+    ``audit`` is the receiving process's audit trail (consultations write to it); ``None`` opens one.
 
     Raises
     ------
@@ -62,7 +69,7 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
         return Response(render_metrics(collector), media_type=_PROMETHEUS_TEXT)
 
     def jobs(request: Request) -> Response:
-        return HTMLResponse(jobs_page(store, reports=config.http.reports))
+        return HTMLResponse(jobs_page(store, reports=config.http.reports, consult=config.consultation.enabled))
 
     def report(request: Request) -> Response:
         if not config.http.reports:
@@ -90,6 +97,7 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
         Route("/jobs", jobs),
         Route("/jobs/{job_id:int}/report/{kind:str}", report),
         *api_routes(store, guard),
+        *consult_routes(config, store, guard, audit if audit is not None else open_audit(config)),
     ]
     return Starlette(routes=routes)
 

@@ -69,6 +69,16 @@ def _report_links(job: Job, outputs: list[OutputRecord], reports: bool) -> str:
     return " · ".join(links)
 
 
+def _consult_link(job: Job, outputs: list[OutputRecord], consult: bool) -> str:
+    if not consult or job.state.value != "done" or not any(o.revision == job.revision for o in outputs):
+        return ""
+    return f'<a class="consult" href="/jobs/{job.id}/consult">consult</a>'
+
+
+def _links(job: Job, outputs: list[OutputRecord], reports: bool, consult: bool) -> str:
+    return " · ".join(x for x in (_report_links(job, outputs, reports), _consult_link(job, outputs, consult)) if x)
+
+
 def _excluded(kinds: dict[str, int] | None) -> str:
     if not kinds:
         return ""
@@ -77,8 +87,10 @@ def _excluded(kinds: dict[str, int] | None) -> str:
     return f'<br><span class="excluded">{n} instance{"s" if n != 1 else ""} left out: {what}</span>'
 
 
-def jobs_page(store: JobStore, *, limit: int = 200, reports: bool = True, refresh_s: int = 10) -> str:
-    """The HTML jobs page: the ``limit`` most recent jobs, newest first."""
+def jobs_page(store: JobStore, *, limit: int = 200, reports: bool = True, refresh_s: int = 10,
+              consult: bool = False) -> str:
+    """The HTML jobs page: the ``limit`` most recent jobs, newest first (``consult``: a link to each done
+    job's consultation page)."""
     jobs = sorted(store.jobs(), key=lambda j: j.id, reverse=True)[:limit]
     excluded = store.unusable_summary()
     rows = []
@@ -95,7 +107,7 @@ def jobs_page(store: JobStore, *, limit: int = 200, reports: bool = True, refres
             f"<td>{_dur(j.first_received_at, t.get('done'))}</td>"
             f"<td>{_when(j.updated_at)}</td>"
             f"<td>{html.escape(redact_uids(j.reason or ''))}{_excluded(excluded.get(j.study_instance_uid))}</td>"
-            f"<td>{_report_links(j, outputs, reports)}</td></tr>"
+            f"<td>{_links(j, outputs, reports, consult)}</td></tr>"
         )
     body = "\n".join(rows) or '<tr><td colspan="13">no jobs yet</td></tr>'
     return f"""<!doctype html>
