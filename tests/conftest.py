@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +29,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Every node a test starts writes its receive slots (1 MiB each) before it listens: 16 keep the slot path
 # exercised without writing the production default's 512 MiB for each of them.
 os.environ.setdefault("SPINEMED_NODE__RECEIVE_SLOTS", "16")
+
+
+@contextlib.contextmanager
+def running_node(cfg: Any, pipeline: Any) -> Iterator[Any]:
+    """A receiving node (listener, indexer, ops) and a worker thread with ``pipeline`` (a real
+    :class:`dicom_node.work.pipeline.Pipeline`, its model the demo one or a scripted one), stopped after."""
+    from dicom_node.node import ReceivingNode
+    from dicom_node.work.worker import Worker
+
+    node = ReceivingNode(cfg)
+    node.start()
+    worker = Worker(cfg, node.store, pipeline=pipeline)
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+        node.stop()
 
 
 def wait_until(pred: Any, timeout: float, what: str) -> Any:

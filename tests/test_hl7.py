@@ -8,7 +8,6 @@ destination is the receiver.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import hl7
 import pydicom
 import pytest
-from conftest import free_port, storescu, wait_until
+from conftest import free_port, running_node, storescu, wait_until
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
@@ -31,9 +30,7 @@ from dicom_node.delivery.dispatch import check, deliver
 from dicom_node.delivery.hl7 import build_oru, parse_ack, send_files_hl7
 from dicom_node.devtools.phantoms import make_lumbar_mr
 from dicom_node.jobs.model import JobState
-from dicom_node.node import ReceivingNode
 from dicom_node.work.pipeline import Pipeline, output_kind
-from dicom_node.work.worker import Worker
 from inference.findings import FindingType, Severity
 from sr_templates import build_outputs, read_measurement_report
 from sr_templates.codes import FINDING_CODES, SEVERITY_CODES, SpineCodes, level_code
@@ -276,21 +273,6 @@ def test_parse_ack_reads_msa_and_err() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the node
-@contextlib.contextmanager
-def _running(cfg: Any, pipeline: Pipeline) -> Iterator[ReceivingNode]:
-    node = ReceivingNode(cfg)
-    node.start()
-    worker = Worker(cfg, node.store, pipeline=pipeline)
-    thread = threading.Thread(target=worker.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield node
-    finally:
-        worker.stop()
-        thread.join(timeout=30)
-        node.stop()
-
-
 @pytest.mark.slow
 def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_reason(
         tmp_path: Path, receiver: Receiver, demo_model_dir: Path) -> None:
@@ -306,7 +288,7 @@ def test_the_node_sends_each_report_once_retries_an_error_and_fails_with_its_rea
         worker={"poll_interval_s": 0.05},
     )
     receiver.ack, receiver.text = "AE", "Unknown order"
-    with _running(cfg, Pipeline(cfg)) as node:
+    with running_node(cfg, Pipeline(cfg)) as node:
         st = make_lumbar_mr(tmp_path / "mr", slices=5, size=96, seed=31)
         assert storescu(node.receiver.port, list(st.paths)).returncode == 0
         job = wait_until(lambda: (j := node.store.by_study(st.study_instance_uid)).state is JobState.FAILED and j,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from conftest import free_port, storescu, wait_until
+from conftest import free_port, running_node, storescu, wait_until
 from test_orthanc_harness import OrthancServer, require_orthanc, start_orthanc
 from test_sr_support import CREATED_AT, MODEL, REPORT
 
@@ -29,7 +28,6 @@ from dicom_node.errors import JobNotFoundError
 from dicom_node.jobs.model import Job, JobState
 from dicom_node.node import ReceivingNode
 from dicom_node.work.pipeline import Pipeline
-from dicom_node.work.worker import Worker
 from inference.findings import Evidence, LevelFinding, ModelAnswer, ModelIdentity, SpineFindings
 from inference.inputs import ImageSizePolicy, ModelInput
 from inference.study import load_study
@@ -126,17 +124,8 @@ def _node(tmp: Path, pacs: OrthancServer, model: ScriptedCobb, *, ae_title: str 
         export={"max_attempts": 2, "backoff_initial_s": 0.2, "backoff_max_s": 0.4, "timeout_s": 10},
         worker={"poll_interval_s": 0.05},
     )
-    node = ReceivingNode(cfg)
-    node.start()
-    worker = Worker(cfg, node.store, pipeline=Pipeline(cfg, model=model))
-    thread = threading.Thread(target=worker.run_forever, daemon=True)
-    thread.start()
-    try:
+    with running_node(cfg, Pipeline(cfg, model=model)) as node:
         yield node
-    finally:
-        worker.stop()
-        thread.join(timeout=30)
-        node.stop()
 
 
 def _current(tmp: Path, seed: int) -> Any:

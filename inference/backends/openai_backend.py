@@ -208,20 +208,29 @@ class OpenAIBackend:
                             on_text(text)
                         if choice.finish_reason:
                             finish = str(choice.finish_reason)
-        except openai.APITimeoutError as exc:
-            raise InferenceTimeoutError(
-                f"model server: no answer within {timeout:.0f} s ({s.openai.base_url})") from exc
-        except openai.APIConnectionError as exc:
-            raise BackendUnavailableError(f"model server {s.openai.base_url} unreachable: {exc}") from exc
-        except openai.APIStatusError as exc:
-            detail = str(exc.message)[:300]
-            if exc.status_code in (401, 403, 404, 408, 429) or exc.status_code >= 500:
-                raise BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}") from exc
-            raise InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}") from exc
         except openai.OpenAIError as exc:
-            raise InferenceError(f"model server: {type(exc).__name__}: {exc}") from exc
+            raise self._server_error(exc, timeout) from exc
         return ConsultAnswer(text="".join(parts), prompt_tokens=prompt_tokens,
                              completion_tokens=completion_tokens or chunks, truncated=finish == "length")
+
+    def _server_error(self, exc: Exception, timeout: float) -> InferenceError:
+        """What an OpenAI client error means for the study: a time-out, the server unavailable (retried
+        with backoff), or this request refused (final)."""
+        import openai
+
+        base_url = self.settings.openai.base_url
+        if isinstance(exc, openai.APITimeoutError):
+            return InferenceTimeoutError(f"model server: no answer within {timeout:.0f} s ({base_url})")
+        if isinstance(exc, openai.APIConnectionError):
+            return BackendUnavailableError(f"model server {base_url} unreachable: {exc}")
+        if isinstance(exc, openai.APIStatusError):
+            detail = str(exc.message)[:300]
+            # 5xx, 429 (overloaded) and a server that refuses us (token, model name: the site's setup, not
+            # the study) wait for the server; any other 4xx is this request's own fault and final
+            if exc.status_code in (401, 403, 404, 408, 429) or exc.status_code >= 500:
+                return BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}")
+            return InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}")
+        return InferenceError(f"model server: {type(exc).__name__}: {exc}")
 
     def _complete(self, messages: list[dict[str, Any]], schema: dict[str, Any], timeout: float) -> str:
         import openai
@@ -241,21 +250,8 @@ class OpenAIBackend:
                 seed=s.seed,
                 timeout=timeout,
             )
-        except openai.APITimeoutError as exc:
-            raise InferenceTimeoutError(
-                f"model server: no answer within {timeout:.0f} s ({s.openai.base_url})"
-            ) from exc
-        except openai.APIConnectionError as exc:
-            raise BackendUnavailableError(f"model server {s.openai.base_url} unreachable: {exc}") from exc
-        except openai.APIStatusError as exc:
-            detail = str(exc.message)[:300]
-            # 5xx, 429 (overloaded) and a server that refuses us (token, model name: the site's setup, not
-            # the study) wait for the server; any other 4xx is this request's own fault and final
-            if exc.status_code in (401, 403, 404, 408, 429) or exc.status_code >= 500:
-                raise BackendUnavailableError(f"model server: HTTP {exc.status_code}: {detail}") from exc
-            raise InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}") from exc
         except openai.OpenAIError as exc:
-            raise InferenceError(f"model server: {type(exc).__name__}: {exc}") from exc
+            raise self._server_error(exc, timeout) from exc
         if not response.choices:
             raise InvalidModelOutputError("model server returned no choices")
         choice = response.choices[0]
