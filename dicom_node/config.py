@@ -377,6 +377,10 @@ class WorkerConfig(_Section):
     )
     model_backoff_initial_s: float = Field(default=30.0, ge=0, description="first wait after a transient model error")
     model_backoff_max_s: float = Field(default=1800.0, ge=0, description="longest wait between analyses")
+    export_threads: int = Field(
+        default=1, ge=0, le=8,
+        description="threads sending results while the model analyses the next study; 0: send before the next",
+    )
 
 
 class ConsultationConfig(_Section):

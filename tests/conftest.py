@@ -331,3 +331,15 @@ def pg_url(pg_server: str) -> Iterator[str]:
     yield f"{pg_server}/{name}"
     with psycopg.connect(f"{pg_server}/postgres", autocommit=True) as admin:
         admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An empty job store of each kind (PostgreSQL: a fresh database on the test server)."""
+    from dicom_node.jobs.postgres import PostgresJobStore
+    from dicom_node.jobs.sqlite import SQLiteJobStore
+
+    store = (SQLiteJobStore(tmp_path / "jobs.sqlite3") if request.param == "sqlite"
+             else PostgresJobStore(request.getfixturevalue("pg_url")))
+    yield store
+    store.close()

@@ -373,17 +373,6 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- the store
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    from dicom_node.jobs.postgres import PostgresJobStore
-    from dicom_node.jobs.sqlite import SQLiteJobStore
-
-    store = (SQLiteJobStore(tmp_path / "jobs.sqlite3") if request.param == "sqlite"
-             else PostgresJobStore(request.getfixturevalue("pg_url")))
-    yield store
-    store.close()
-
-
 def test_turn_queue_in_both_stores(any_store: Any, tmp_path: Path) -> None:
     from dicom_node.errors import ConsultationError, ConsultationLimitError
     from dicom_node.jobs.model import OutputRecord

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,3 +186,29 @@ def test_our_own_result_routed_back_is_not_a_new_source(store: SQLiteJobStore) -
     )
     assert not store.record_instance(echo)
     assert store.get(job.id).state is JobState.DONE
+
+
+def test_claim_by_kind_of_work(any_store: Any) -> None:
+    """A worker's analysis loop claims analyses only, its export threads exports only (both stores)."""
+    store = any_store
+    for n, study in enumerate(("1.2.826.0.1.3680043.8.498.801", "1.2.826.0.1.3680043.8.498.802")):
+        store.record_instance(rec(n, study=study))
+    first, second = sorted(store.complete_due(time.time() + 100, 0, 1000), key=lambda j: j.id)
+    now = time.time()
+    job = store.claim("w", now, 60, work="analysis")
+    assert job is not None and job.id == first.id
+    store.transition(job.id, "w", JobState.INFERRING)
+    store.transition(job.id, "w", JobState.REPORTING)
+    out = OutputRecord("1.2.3.9", job.study_instance_uid, 1, "measurement_report", "1.2.840.10008.5.1.4.1.1.88.34",
+                       "/o.dcm")
+    store.finish_report(job.id, "w", 1, [out], ["pacs"])
+    store.release(job.id, "w")
+    # the analysis loop takes the next analysis, not the export; an export thread takes the export only
+    nxt = store.claim("w", now, 60, work="analysis")
+    assert nxt is not None and nxt.id == second.id
+    exp = store.claim("x", now, 60, work="export")
+    assert exp is not None and exp.id == first.id and exp.state is JobState.EXPORTING
+    assert store.claim("x2", now, 60, work="export") is None
+    assert store.claim("w2", now, 60, work="analysis") is None
+    with pytest.raises(ValueError, match="work"):
+        store.claim("w", now, 60, work="everything")

@@ -29,6 +29,7 @@ from dicom_node.jobs.model import (
     FINAL_STATES,
     JOB_COLUMNS,
     TURN_COLUMNS,
+    ClaimWork,
     Consultation,
     ConsultTurn,
     Delivery,
@@ -213,19 +214,27 @@ class SQLJobStore:
                                "AND last_received_at < ?", (now, now, JobState.RECEIVING, now)).rowcount)
 
     # ------------------------------------------------------------------ worker: claim, lease, transitions
-    def claim(self, owner: str, now: float, lease_s: float) -> Job | None:
+    def claim(self, owner: str, now: float, lease_s: float, *, work: ClaimWork = "any") -> Job | None:
         """Lease the next job that has work: complete or exporting and due (a deferred analysis or delivery
-        waits for its ``next_attempt_at``), or abandoned by a dead worker.
+        waits for its ``next_attempt_at``), or abandoned by a dead worker.  ``work`` limits it to analyses
+        (complete, abandoned mid-analysis) or to exports (a worker's export threads).
 
         Concurrent workers never collide: SQLite serialises the transaction, PostgreSQL skips locked rows.
         """
+        if work not in ("any", "analysis", "export"):
+            raise ValueError(f"work: expected 'any', 'analysis' or 'export', got {work!r}")
+        abandoned = [] if work == "export" else [JobState.INFERRING, JobState.REPORTING]
+        due = {"any": [JobState.COMPLETE, JobState.EXPORTING], "analysis": [JobState.COMPLETE],
+               "export": [JobState.EXPORTING]}[work]
+        marks_a = ", ".join("?" * len(abandoned)) or "NULL"
+        marks_d = ", ".join("?" * len(due))
         with self._tx() as cur:
             row = self._x(
                 cur,
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE (lease_until IS NULL OR lease_until < ?) AND ("
-                "state IN (?, ?) OR (state IN (?, ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
+                f"state IN ({marks_a}) OR (state IN ({marks_d}) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
                 f") ORDER BY COALESCE(next_attempt_at, completed_at, created_at), id LIMIT 1{self.skip_locked}",
-                (now, JobState.INFERRING, JobState.REPORTING, JobState.COMPLETE, JobState.EXPORTING, now),
+                (now, *abandoned, *due, now),
             ).fetchone()
             if row is None:
                 return None

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "ACTIVE_STATES",
@@ -25,6 +25,7 @@ __all__ = [
     "JOB_COLUMNS",
     "TURN_COLUMNS",
     "TURN_FINAL_STATES",
+    "ClaimWork",
     "ConsultTurn",
     "Consultation",
     "Delivery",
@@ -39,6 +40,11 @@ __all__ = [
     "job_from_row",
     "turn_from_row",
 ]
+
+
+#: What a claim takes: any job with work, only analyses (complete, or abandoned mid-analysis), or only
+#: exports (results written, deliveries due).
+ClaimWork = Literal["any", "analysis", "export"]
 
 
 class JobState(StrEnum):
@@ -218,7 +224,7 @@ class JobStore(Protocol):
         self, now: float, quiet_s: float, force_s: float, required_series: Sequence[str] = ()
     ) -> list[Job]: ...
     def restart_quiet_timers(self, now: float) -> int: ...
-    def claim(self, owner: str, now: float, lease_s: float) -> Job | None: ...
+    def claim(self, owner: str, now: float, lease_s: float, *, work: ClaimWork = "any") -> Job | None: ...
     def transition(self, job_id: int, owner: str, to: JobState, *, reason: str | None = None) -> Job: ...
     def release(self, job_id: int, owner: str) -> None: ...
     def finish_report(

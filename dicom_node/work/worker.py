@@ -146,6 +146,7 @@ class Worker:
         self.pipeline = pipeline or Pipeline(config)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self._stop = threading.Event()
+        self._export_due = threading.Event()  # wakes the export threads when a study's results are written
         # operations: audit trail of deliveries, heartbeat file read by /health/ready
         self.audit = open_audit(config)
         self.heartbeat = HeartbeatWriter(heartbeat_path(config.node.data_dir))
@@ -173,6 +174,7 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._export_due.set()
 
     def run_forever(self) -> None:
         self.reclaim_dead_leases()
@@ -183,20 +185,35 @@ class Worker:
             ident = self.pipeline.model.identity
             self.heartbeat.ready(ident.name, ident.version, ident.demo)
             log.info("worker ready", model=ident.name, warm_up_s=round(warm, 3))
-            while not self._stop.is_set():
-                # consultation questions first: someone waits for each; they never interrupt a study
-                if self._consult() or self.run_once():
-                    continue
-                # idle: read the headers of studies still arriving, in short turns between claims
-                if not self._prefetch():
-                    self._stop.wait(self.idle_wait())
+            exporters = [threading.Thread(target=self._export_loop, name=f"export-{i}", daemon=True)
+                         for i in range(self.config.worker.export_threads)]
+            for t in exporters:
+                t.start()
+            inline = not exporters
+            try:
+                while not self._stop.is_set():
+                    # consultation questions first: someone waits for each; they never interrupt a study
+                    if self._consult() or self.run_once(export_inline=inline):
+                        continue
+                    # idle: read the headers of studies still arriving, in short turns between claims
+                    if not self._prefetch():
+                        self._stop.wait(self.idle_wait())
+            finally:
+                self._export_due.set()
+                for t in exporters:
+                    t.join(timeout=self.config.export.timeout_s + 10)
         finally:
             self.heartbeat.stop()
             self.audit.close()
 
-    def run_once(self) -> bool:
-        """Claim and work one job; ``False`` when there was nothing to do."""
-        job = self.store.claim(self.owner, time.time(), self.config.worker.lease_seconds)
+    def run_once(self, *, export_inline: bool = True) -> bool:
+        """Claim and work one job; ``False`` when there was nothing to do.
+
+        ``export_inline=False`` (the worker's export threads run): claim analyses only, and hand a study whose
+        results are written to the export threads, so that the model starts on the next study while they send.
+        """
+        job = self.store.claim(self.owner, time.time(), self.config.worker.lease_seconds,
+                               work="any" if export_inline else "analysis")
         if job is None:
             return False
         self.heartbeat.job = job.id
@@ -204,11 +221,36 @@ class Worker:
             if job.state is JobState.COMPLETE:
                 job = self._analyse(job)
             if job.state is JobState.EXPORTING:
-                self._export(job)
+                if export_inline:
+                    self._export(job, self.owner)
+                else:
+                    self.store.release(job.id, self.owner)
+                    self._export_due.set()
         except Exception as exc:
             log.exception("job failed with an internal error", job=job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            self._fail(job, f"internal error: {type(exc).__name__}: {exc}", self.owner)
         return True
+
+    def _export_loop(self) -> None:
+        """One export thread: send the results of studies whose deliveries are due, beside the analyses."""
+        owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        poll = self.config.worker.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                job = self.store.claim(owner, time.time(), self.config.worker.lease_seconds, work="export")
+            except Exception:  # a store problem: the analysis loop's claim reports it too
+                log.exception("export claim failed")
+                self._stop.wait(poll)
+                continue
+            if job is None:
+                self._export_due.wait(poll)
+                self._export_due.clear()
+                continue
+            try:
+                self._export(job, owner)
+            except Exception as exc:
+                log.exception("job failed with an internal error", job=job.id)
+                self._fail(job, f"internal error: {type(exc).__name__}: {exc}", owner)
 
     def _consult(self) -> bool:
         """Answer the queued consultation questions; ``False`` when there were none."""
@@ -250,10 +292,10 @@ class Worker:
             log.exception("header prefetch failed")
             return False
 
-    def _fail(self, job: Job, reason: str) -> None:
+    def _fail(self, job: Job, reason: str, owner: str) -> None:
         current = self.store.get(job.id)
-        if current.lease_owner == self.owner:
-            self.store.transition(job.id, self.owner, JobState.FAILED, reason=reason[:1000])
+        if current.lease_owner == owner:
+            self.store.transition(job.id, owner, JobState.FAILED, reason=reason[:1000])
 
     # ------------------------------------------------------------------ stages
     def _analyse(self, job: Job) -> Job:
@@ -352,13 +394,13 @@ class Worker:
                 out.append(pydicom.dcmread(rec.path))
         return out
 
-    def _export(self, job: Job) -> None:
+    def _export(self, job: Job, owner: str) -> None:
         cfg = self.config
         pending = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
         failed = [d for d in pending if d.state == "failed"]
         if failed:
             why = "; ".join(f"{d.destination}: {d.last_error}" for d in failed[:5])
-            self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"delivery failed: {why}")
+            self.store.transition(job.id, owner, JobState.FAILED, reason=f"delivery failed: {why}")
             return
         if not pending:
             reason: str | None = (
@@ -366,7 +408,7 @@ class Worker:
                 if cfg.routing.dry_run
                 else (None if cfg.destinations else "no destinations configured: results kept on disk")
             )
-            self.store.transition(job.id, self.owner, JobState.DONE, reason=reason)
+            self.store.transition(job.id, owner, JobState.DONE, reason=reason)
             return
         paths = {o.sop_instance_uid: Path(o.path) for o in self.store.outputs(job.study_instance_uid, job.revision)}
         by_dest: dict[str, list[str]] = defaultdict(list)
@@ -428,16 +470,16 @@ class Worker:
         remaining = [d for d in self.store.deliveries(job.study_instance_uid, job.revision) if d.state != "delivered"]
         if not remaining:
             log.info("delivered", job=job.id, revision=job.revision)
-            self.store.transition(job.id, self.owner, JobState.DONE)
+            self.store.transition(job.id, owner, JobState.DONE)
         elif gave_up or any(d.state == "failed" for d in remaining):
             reason = "; ".join(list(dict.fromkeys(gave_up))[:5]) or "delivery failed"  # each reason once
             self.store.transition(
                 job.id,
-                self.owner,
+                owner,
                 JobState.FAILED,
                 reason=(f"delivery failed after {cfg.export.max_attempts} attempts: {reason}"
                         if max_attempts >= cfg.export.max_attempts else f"delivery refused: {reason}"),
             )
         else:
             nxt_at = min(d.next_attempt_at or time.time() for d in remaining)
-            self.store.set_next_attempt(job.id, self.owner, nxt_at)
+            self.store.set_next_attempt(job.id, owner, nxt_at)
