@@ -9,6 +9,12 @@ comparison as ``spinemed-node validate``: the highest grade of the matching find
 there is none) and records one :class:`~dicom_node.jobs.model.ShadowRow` per cell in the job store, the
 study named by its pseudonym (the keyed digest the logs use).
 
+A radiologist's TID 1500 SR sent to the node over DICOM for a study the node knows is truth too: the
+instance indexer (:mod:`dicom_node.ingest.indexer`) moves it from the spool into ``labels_dir`` as
+``sr-<digest>.dcm`` instead of recording it as an instance, so it never re-opens the study for another
+analysis; our own SRs routed back are recognised (:func:`dicom_node.network.priors.is_our_report`) and
+ignored as before.  The watcher reads it with :func:`inference.validation.labels.load_sr`.
+
 Each file ends in ``done/`` or ``failed/`` beside a ``<name>.reason.txt`` that says what was compared
 and what was not.  A file naming a study the node is still receiving or analysing stays until ``[shadow]
 wait_s`` after it was written, then is processed with what there is; a study the node never received is
@@ -31,7 +37,7 @@ from dicom_node.errors import JobNotFoundError
 from dicom_node.jobs.model import FINAL_STATES, JobStore, ShadowRow
 from dicom_node.log import get_logger, phi_hash
 from inference.findings import SpineFindings
-from inference.validation.labels import LabelError, StudyTruth, load_own_csv
+from inference.validation.labels import LabelError, StudyTruth, load_own_csv, load_sr
 from inference.validation.metrics import CaseInput, score_case
 
 __all__ = ["Agreement", "ShadowSummary", "ShadowWatcher", "compare", "iso_week", "summarise"]
@@ -162,7 +168,7 @@ class ShadowWatcher:
         folder.mkdir(parents=True, exist_ok=True)
         finished = 0
         for path in sorted(folder.iterdir()):
-            if not path.is_file() or path.name.startswith(".") or path.suffix.lower() != ".csv":
+            if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in (".csv", ".dcm"):
                 continue
             try:
                 written = path.stat().st_mtime
@@ -194,8 +200,9 @@ class ShadowWatcher:
         claimed = self._claim(folder, path)
         if claimed is None:
             return 0
+        sr = claimed.suffix.lower() == ".dcm"
         try:
-            truth = load_own_csv(claimed)
+            truth = load_sr(claimed) if sr else load_own_csv(claimed)
         except LabelError as exc:
             log.warning("shadow label file refused", reason=str(exc)[:300])
             self._finish(folder, claimed, path.name, "failed", f"not read: {exc}", now)
@@ -205,9 +212,10 @@ class ShadowWatcher:
         pending: list[str] = []
         not_analysed: list[str] = []
         for key, study_truth in truth.studies.items():
-            ref = phi_hash(key)
+            uid = study_truth.study_instance_uid or key
+            ref = phi_hash(uid)
             try:
-                job = self.store.by_study(key)
+                job = self.store.by_study(uid)
             except JobNotFoundError:
                 unknown.append(ref)
                 continue
@@ -220,7 +228,7 @@ class ShadowWatcher:
             os.rename(claimed, path)  # back, to wait for the studies still being worked on / received
             return 0
         rows = [r for t, f, ref, revision in compared for r in compare(t, f, study=ref, revision=revision, now=now,
-                                                                       source="csv")]
+                                                                       source="sr" if sr else "csv")]
         self.store.record_shadow(rows)
         agree = sum(r.agree for r in rows)
         lines = [f"{len(compared)} of {len(truth.studies)} studies compared: {len(rows)} labelled cells, "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from conftest import start_storescp, storescu, wait_until
 
@@ -33,7 +34,7 @@ from inference.findings import (
     Severity,
     SpineFindings,
 )
-from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelInput, Turn
+from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelInput, Task, Turn
 
 TOKEN = "shadow-test-token-0123456789abcdefghij"
 
@@ -84,6 +85,32 @@ def _running(cfg: Any) -> Iterator[ReceivingNode]:
         worker.stop()
         thread.join(timeout=30)
         node.stop()
+
+
+def _radiologist_sr(tmp: Path, paths: Sequence[Path]) -> Path:
+    """A TID 1500 SR of the study written by someone else: L4-L5 canal severe, L5-S1 left foramen severe."""
+    from inference.study import load_study
+    from sr_templates import build_outputs
+
+    st = load_study(list(paths))
+    says = [LevelFinding(level="L4-L5", finding=FindingType.SPINAL_CANAL_STENOSIS, severity=Severity.SEVERE),
+            LevelFinding(level="L5-S1", finding=FindingType.FORAMINAL_STENOSIS, severity=Severity.SEVERE,
+                         laterality=Laterality.LEFT)]
+    text = "radiologist"
+    findings = SpineFindings(
+        study_instance_uid=st.study_instance_uid,
+        model=ModelIdentity(name="reading-room", version="1", weights_digest="-", backend="human",
+                            prompt_version="-", demo=False),
+        task=Task.STRUCTURED_REPORT.value, images=[],
+        answer=ModelAnswer(levels=says, report=NarrativeReport(
+            findings=text, diagnosis=text, treatment_suggestions=text, risk_and_prognosis=text, follow_up=text,
+            diagnostic_basis=text)))
+    sr = next(ds for ds in build_outputs(st, findings) if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34")
+    sr.SeriesDescription = "Radiology report"
+    sr.Manufacturer = "Reading room"
+    out = tmp / "radiologist-sr.dcm"
+    sr.save_as(out, enforce_file_format=True)
+    return out
 
 
 def _auth() -> dict[str, str]:
@@ -173,7 +200,6 @@ def test_shadow_mode_records_agreement_exports_nothing_and_shows_counts(
             assert _cells(text, "weeks") == [[iso_week(rows[0].recorded_at), "5", "3", "60.0 %"]]
             assert "<svg" in text
             # no identifiers: neither the UIDs nor the patient's ID nor even the study digest
-            import pydicom
             ds = pydicom.dcmread(study.paths[0], stop_before_pixels=True)
             for ident in (uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.PatientID),
                           phi_hash(uid)):
@@ -185,6 +211,25 @@ def test_shadow_mode_records_agreement_exports_nothing_and_shows_counts(
             assert 'spinemed_shadow_compared_total{condition="spinal_canal_stenosis"} 3.0' in metrics
             assert 'spinemed_shadow_agreed_total{condition="right_neural_foraminal_narrowing"} 0.0' in metrics
             assert "spinemed_shadow_studies 1.0" in metrics
+
+            # (b) the radiologist's TID 1500 SR arrives over DICOM: truth, not a study update
+            sr_file = _radiologist_sr(tmp_path, study.paths)
+            sr_uid = str(pydicom.dcmread(sr_file, stop_before_pixels=True).SOPInstanceUID)
+            assert storescu(node.receiver.port, [sr_file], extra=["-R"]).returncode == 0  # propose its SOP class
+            wait_until(lambda: any(r.source == "sr" for r in node.store.shadow_rows()) or None, 30, "SR compared")
+            after = node.store.by_study(uid)
+            assert (after.state, after.revision, after.instance_count) == (JobState.DONE, 1, job.instance_count)
+            assert sr_uid not in {i.sop_instance_uid for i in node.store.instances(uid)}
+            rows = node.store.shadow_rows()
+            got = sorted((r.condition, r.level, r.truth_grade, r.model_grade, r.source) for r in rows)
+            assert got == [
+                ("left_neural_foraminal_narrowing", "L5-S1", 2, 2, "sr"),
+                ("right_neural_foraminal_narrowing", "L5-S1", 1, 0, "csv"),
+                ("spinal_canal_stenosis", "L1-L2", 0, 0, "csv"),
+                ("spinal_canal_stenosis", "L3-L4", 2, 0, "csv"),
+                ("spinal_canal_stenosis", "L4-L5", 2, 1, "sr"),  # the SR says severe: replaces the CSV's
+            ]
+            assert list((labels / "done").glob("*-sr-*.dcm"))
         # dry run: the destination received nothing (it was reachable the whole time)
         assert scp.files() == []
     finally:
