@@ -10,8 +10,8 @@ probabilities; ``normal_mild`` is p(none) + p(mild).  A value can start with sev
 Robustness rule: a finding gets probabilities only where the position is found unambiguously and the
 token the model wrote there starts exactly the value it wrote (a model that writes ``moderate`` as ``m`` +
 ``oderate`` when ``mild`` is tokenized ``m`` + ``ild`` gets none for that finding).  ``no_abnormality`` (its
-severity is fixed) and a (level, finding, laterality) the answer lists twice with different content get
-none.  Never a guess.
+severity is fixed) and a (level, finding, side) the answer lists twice with different content get none;
+the side is kept only for the sided condition, foraminal stenosis (as validation scores it).  Never a guess.
 
 Two readers share this rule: :class:`SeverityProbe` inside the transformers backend's logits processor
 (unconstrained logits, the model's own tokenizer), and :func:`from_logprobs` on an OpenAI-compatible
@@ -180,26 +180,33 @@ def _levels(answer: str) -> list[dict[str, Any]] | None:
     return levels
 
 
+def _key(item: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    """(level, finding, side): the side only for the sided condition (foraminal stenosis), as
+    :class:`~inference.findings.GradeProbabilities` has it."""
+    finding = str(item.get("finding"))
+    side = item.get("laterality") if finding == FindingType.FORAMINAL_STENOSIS.value else None
+    return (str(item.get("level")), finding, side if isinstance(side, str) else None)
+
+
 def build_probabilities(
     levels: Sequence[Mapping[str, Any]], per_item: Mapping[int, Mapping[str, float]]
 ) -> tuple[GradeProbabilities, ...]:
     """Grade probabilities of the raw answer's level findings (index → p per severity value).
 
-    A (level, finding, laterality) written twice with different content gets none (a word-for-word repeat:
+    A (level, finding, side) written twice with different content gets none (a word-for-word repeat:
     the first reading); ``no_abnormality`` gets none.
     """
     written: dict[tuple[str, str, str | None], set[str]] = {}
     for item in levels:
-        key = (str(item.get("level")), str(item.get("finding")), item.get("laterality"))
-        written.setdefault(key, set()).add(json.dumps(item, sort_keys=True))
+        written.setdefault(_key(item), set()).add(json.dumps(item, sort_keys=True))
     out: list[GradeProbabilities] = []
     done: set[tuple[str, str, str | None]] = set()
     for k, probs in sorted(per_item.items()):
         item = levels[k]
-        key = (str(item.get("level")), str(item.get("finding")), item.get("laterality"))
+        key = _key(item)
         # a repeat word for word is one finding (the answer parser keeps one): its first reading counts;
-        # two different findings under one key are ambiguous
-        if key in done or len(written[key]) != 1 or item.get("finding") == FindingType.NO_ABNORMALITY.value:
+        # two different findings under one key (two grades of one condition at one level) are ambiguous
+        if key in done or len(written[key]) != 1 or key[1] == FindingType.NO_ABNORMALITY.value:
             continue
         done.add(key)
         total = sum(probs.get(v, 0.0) for v in SEVERITY_VALUES)
