@@ -30,7 +30,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from inference.findings import FindingType, GradeProbabilities
+from inference.findings import FindingType, GradeProbabilities, Laterality
 
 __all__ = ["SEVERITY_KEY", "SEVERITY_VALUES", "SeverityProbe", "build_probabilities", "from_logprobs"]
 
@@ -215,7 +215,8 @@ def build_probabilities(
         p = {v: probs.get(v, 0.0) / total for v in SEVERITY_VALUES}
         try:
             out.append(GradeProbabilities(
-                level=key[0], finding=FindingType(key[1]), laterality=key[2],
+                level=key[0], finding=FindingType(key[1]),
+                laterality=Laterality(key[2]) if key[2] is not None else None,
                 normal_mild=p["none"] + p["mild"], moderate=p["moderate"], severe=p["severe"],
             ))
         except ValueError:

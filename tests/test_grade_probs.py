@@ -20,7 +20,7 @@ from inference.backends.demo import DemoBackend
 from inference.backends.openai_backend import OpenAIBackend
 from inference.backends.qwen_vl import policy_for
 from inference.demo_model import build_demo_model
-from inference.findings import FindingType, Severity, SpineFindings
+from inference.findings import FindingType, Laterality, Severity, SpineFindings
 from inference.grade_probs import from_logprobs
 from inference.preprocess import prepare_inputs
 from inference.settings import ModelSettings, OpenAISettings
@@ -154,7 +154,8 @@ def _completion(content: str, logprobs: list[dict[str, Any]] | None) -> dict[str
 def _answer() -> str:
     answer = json.loads(json.dumps(VALID))
     second = dict(answer["levels"][0], level="L5-S1", severity="mild", laterality=None, evidence=[])
-    third = dict(answer["levels"][0], level="L3-L4", severity="mild", laterality=None, evidence=[])
+    third = dict(answer["levels"][0], level="L3-L4", finding="foraminal_stenosis", severity="mild", laterality="right",
+                 evidence=[])
     answer["levels"] += [second, third]
     return json.dumps(answer, separators=(",", ":"))
 
@@ -186,6 +187,7 @@ def test_openai_logprobs(server: _Server, tmp_path: Path) -> None:
     assert math.isclose(g.normal_mild, (e["mild"] + e["none"]) / total)
     e3 = {"mild": math.exp(-0.1), "none": math.exp(-2.3), "moderate": math.exp(-4.0)}
     g3 = got["L3-L4"]
+    assert g3.finding is FindingType.FORAMINAL_STENOSIS and g3.laterality is Laterality.RIGHT  # the sided one
     assert math.isclose(g3.normal_mild, (e3["mild"] + e3["none"]) / sum(e3.values()))
     assert g3.severe == 0.0
 
