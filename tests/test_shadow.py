@@ -273,3 +273,24 @@ def test_summary_counts_by_condition_level_and_week() -> None:
     assert (s.total.n, s.total.agree, s.studies) == (3, 2, 2)
     assert s.by_level[("spinal_canal_stenosis", "L4-L5")].ratio == 1.0
     assert [(w, a.n) for w, a in s.by_week.items()] == [(iso_week(week), 2), (iso_week(week + 7 * 86400), 1)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_keeps_one_row_per_study_condition_level(backend: str, tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    """record_shadow on both stores: a later truth for a cell replaces the earlier one."""
+    from dicom_node.jobs.postgres import PostgresJobStore
+    from dicom_node.jobs.sqlite import SQLiteJobStore
+
+    store = (SQLiteJobStore(tmp_path / "jobs.sqlite") if backend == "sqlite"
+             else PostgresJobStore(request.getfixturevalue("pg_url")))
+    try:
+        first = ShadowRow("abc", 1, "spinal_canal_stenosis", "L4-L5", 2, 1, 100.0, "csv")
+        other = ShadowRow("abc", 1, "spinal_canal_stenosis", "L3-L4", 0, 0, 100.0, "csv")
+        assert store.record_shadow([first, other]) == 2
+        store.record_shadow([ShadowRow("abc", 2, "spinal_canal_stenosis", "L4-L5", 1, 1, 200.0, "sr")])
+        rows = store.shadow_rows()
+        assert [(r.level, r.revision, r.truth_grade, r.agree, r.source) for r in rows] == [
+            ("L3-L4", 1, 0, True, "csv"), ("L4-L5", 2, 1, True, "sr")]
+    finally:
+        store.close()
