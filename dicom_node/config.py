@@ -44,6 +44,7 @@ __all__ = [
     "PriorsConfig",
     "RoutingConfig",
     "RoutingRule",
+    "ShadowConfig",
     "WorkerConfig",
     "load_config",
 ]
@@ -401,6 +402,16 @@ class ConsultationConfig(_Section):
     series_number: int = Field(default=9905, ge=1, le=2**31 - 4, description="series of saved consultations")
 
 
+class ShadowConfig(_Section):
+    """``[shadow]``: agreement of the node's findings with the site's own results (docs/validation.md)."""
+
+    labels_dir: Path | None = Field(
+        default=None, description="watched folder of per-level label CSVs (None: shadow mode off)")
+    poll_s: float = Field(default=10.0, gt=0, le=3600, description="how often the worker looks into labels_dir")
+    wait_s: float = Field(default=86400.0, ge=0,
+                          description="a file naming studies not yet analysed waits this long for them")
+
+
 _TOML_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_TOML_PATH", default=None)
 
 
@@ -425,6 +436,7 @@ class NodeConfig(BaseSettings):
     output: OutputConfig = Field(default_factory=OutputConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     consultation: ConsultationConfig = Field(default_factory=ConsultationConfig)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)

@@ -14,6 +14,7 @@ If the job store is unavailable, batches are retried with backoff and nothing is
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,18 @@ class InstanceIndexer(BatchThread):
         The job store.
     audit
         The audit trail; each recorded instance gets an ``instance_received`` line.
+    truth_dir
+        ``[shadow] labels_dir``: where a radiologist's TID 1500 SR for a study the node knows goes, as the
+        site's truth for shadow mode, instead of into the study (``None``: shadow mode off).
     """
 
-    def __init__(self, store: JobStore, audit: AuditTrail) -> None:
+    def __init__(self, store: JobStore, audit: AuditTrail, truth_dir: Path | None = None) -> None:
         super().__init__("instance-indexer")
         self.store = store
         self.audit = audit
+        self.truth_dir = truth_dir
+        self.diverted = 0
+        self._diverted_sops: set[str] = set()  # moved out of the spool, in a batch not yet committed
         self.batches = 0
         self.recorded = 0
         self.failures = 0
@@ -76,6 +83,16 @@ class InstanceIndexer(BatchThread):
             self._submitted += 1
             if len(self._queue) == 1 or len(self._queue) >= _MAX_BATCH:
                 self._cond.notify_all()
+
+    def _is_truth(self, rec: InstanceRecord) -> bool:
+        """Whether ``rec`` is a radiologist's TID 1500 SR (not ours) for a study the node knows; if so it has
+        been moved from the spool into ``truth_dir``."""
+        if rec.sop_instance_uid in self._diverted_sops:
+            return True  # a retried batch: the file is in truth_dir already
+        if _is_truth_of(self, rec):
+            self._diverted_sops.add(rec.sop_instance_uid)
+            return True
+        return False
 
     def stop(self, timeout: float = 30.0) -> None:
         """Record what is queued (up to ``timeout``), then stop."""
@@ -100,7 +117,11 @@ class InstanceIndexer(BatchThread):
                     self._cond.wait(left)
                 batch = self._queue[:_MAX_BATCH]
             try:
-                fresh = self.store.record_instances([p.record for p in batch])
+                truth = {id(p) for p in batch if self._is_truth(p.record)} if self.truth_dir is not None else set()
+                recorded = [p for p in batch if id(p) not in truth]
+                fresh_of = dict(zip((id(p) for p in recorded),
+                                    self.store.record_instances([p.record for p in recorded]), strict=True))
+                fresh = [fresh_of.get(id(p), False) for p in batch]
             except (StoreError, OSError) as exc:
                 failures += 1
                 self.failures += 1
@@ -116,18 +137,66 @@ class InstanceIndexer(BatchThread):
             failures = 0
             for pending, new in zip(batch, fresh, strict=True):
                 outcome = "stored" if new else "ignored (a resend, or one of our own results)"
+                if id(pending) in truth:
+                    outcome = "shadow-mode truth (a radiologist's SR): not a study update"
                 self.audit.record("instance_received", durable=False, status="0x0000", outcome=outcome,
                                   **pending.audit)
             try:
                 self.audit.flush()
             except OSError as exc:  # the audit trail keeps the lines queued and retries on its own
                 log.error("audit trail not writable", detail=str(exc))
+            self._diverted_sops.difference_update(p.record.sop_instance_uid for p in batch)
             with self._cond:
                 del self._queue[: len(batch)]
                 self._done += len(batch)
                 self.batches += 1
                 self.recorded += len(batch)
                 self._cond.notify_all()
+
+
+_SR_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+})
+
+
+def _tid1500(path: Path) -> Any:
+    """The data set at ``path`` when it is a TID 1500 measurement report, else ``None``."""
+    ds = dcmread(path, stop_before_pixels=True)
+    templates = ds.get("ContentTemplateSequence") or []
+    return ds if any(str(t.get("TemplateIdentifier", "")).strip() == "1500" for t in templates) else None
+
+
+def _is_truth_of(indexer: InstanceIndexer, rec: InstanceRecord) -> bool:
+    from dicom_node.errors import JobNotFoundError
+    from dicom_node.network.priors import is_our_report
+
+    assert indexer.truth_dir is not None
+    if rec.sop_class_uid not in _SR_CLASSES:
+        return False
+    try:
+        indexer.store.by_study(rec.study_instance_uid)
+    except JobNotFoundError:
+        return False  # not a study the node knows: an SR like any other instance
+    try:
+        ds = _tid1500(Path(rec.path))
+    except Exception as exc:  # unreadable: it goes the ordinary way (and its study's analysis says so)
+        log.warning("SR not readable as shadow-mode truth", error=type(exc).__name__,
+                    sop=phi_hash(rec.sop_instance_uid))
+        return False
+    if ds is None or is_our_report(ds):
+        return False
+    folder = indexer.truth_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"sr-{phi_hash(rec.sop_instance_uid)}.dcm"
+    tmp = folder / f".{name}.{os.getpid()}"
+    shutil.copyfile(rec.path, tmp)
+    os.replace(tmp, folder / name)  # the watcher sees the whole file or none
+    Path(rec.path).unlink()  # out of the spool: never a source instance, not even after a crash
+    indexer.diverted += 1
+    log.info("radiologist's SR taken as shadow-mode truth", study=phi_hash(rec.study_instance_uid))
+    return True
 
 
 def instance_record(fields: HeaderFields, path: Path, transfer_syntax_uid: str, size: int, calling_ae: str,

@@ -120,7 +120,7 @@ class Receiver:
         # operations: audit trail, association gate (source addresses, low disk), DICOM TLS
         self.audit = open_audit(config)
         self.gate = AssociationGate(config, self.spool.free_bytes, self.audit)
-        self.indexer = InstanceIndexer(store, self.audit)
+        self.indexer = InstanceIndexer(store, self.audit, truth_dir=config.shadow.labels_dir)
         self._sync_pool = ThreadPoolExecutor(max_workers=min(32, config.node.max_associations),
                                              thread_name_prefix="fsync")
         n = config.node

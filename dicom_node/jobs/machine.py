@@ -39,6 +39,7 @@ from dicom_node.jobs.model import (
     JobState,
     OpsStats,
     OutputRecord,
+    ShadowRow,
     TurnState,
     job_from_row,
     turn_from_row,
@@ -468,6 +469,27 @@ class SQLJobStore:
         rows = self._rows("SELECT findings FROM analysis_findings WHERE study_uid = ? AND revision = ?",
                           (study_uid, revision))
         return str(rows[0][0]) if rows else None
+
+    def record_shadow(self, rows: Sequence[ShadowRow]) -> int:
+        """Record shadow-mode comparisons (a later one for the same study, condition and level replaces
+        the earlier); returns how many were written."""
+        with self._tx() as cur:
+            for r in rows:
+                self._x(cur, "INSERT INTO shadow_agreement(study, revision, condition, level, truth_grade, "
+                        "model_grade, agree, recorded_at, source) VALUES (?,?,?,?,?,?,?,?,?) "
+                        "ON CONFLICT (study, condition, level) DO UPDATE SET revision = excluded.revision, "
+                        "truth_grade = excluded.truth_grade, model_grade = excluded.model_grade, "
+                        "agree = excluded.agree, recorded_at = excluded.recorded_at, source = excluded.source",
+                        (r.study, r.revision, r.condition, r.level, r.truth_grade, r.model_grade,
+                         int(r.agree), r.recorded_at, r.source))
+        return len(rows)
+
+    def shadow_rows(self) -> list[ShadowRow]:
+        """Every shadow-mode comparison, oldest first."""
+        rows = self._rows("SELECT study, revision, condition, level, truth_grade, model_grade, recorded_at, source "
+                          "FROM shadow_agreement ORDER BY recorded_at, id")
+        return [ShadowRow(str(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5]), float(r[6]), str(r[7]))
+                for r in rows]
 
     _CONSULT_COLUMNS: ClassVar[str] = "id, job_id, study_uid, revision, created_by, created_at, saved_uid"
 

@@ -36,6 +36,7 @@ __all__ = [
     "JobStore",
     "OpsStats",
     "OutputRecord",
+    "ShadowRow",
     "TurnState",
     "job_from_row",
     "turn_from_row",
@@ -146,6 +147,25 @@ class OpsStats:
     delivery_failed_attempts: int  # attempts that did not deliver (each one led to a retry or a give-up)
     deliveries_failed: int  # deliveries that ran out of attempts
     deliveries_delivered: int
+
+
+@dataclass(frozen=True)
+class ShadowRow:
+    """One shadow-mode comparison: a study (by pseudonym), a labelled condition at a level, the site's
+    grade and the node's (0 normal/mild, 1 moderate, 2 severe)."""
+
+    study: str
+    revision: int
+    condition: str
+    level: str
+    truth_grade: int
+    model_grade: int
+    recorded_at: float
+    source: str
+
+    @property
+    def agree(self) -> bool:
+        return self.truth_grade == self.model_grade
 
 
 class TurnState(StrEnum):
@@ -274,6 +294,8 @@ class JobStore(Protocol):
         detail: str,
     ) -> Job: ...
     def record_findings(self, study_uid: str, revision: int, findings_json: str) -> None: ...
+    def record_shadow(self, rows: Sequence[ShadowRow]) -> int: ...
+    def shadow_rows(self) -> list[ShadowRow]: ...
     def findings(self, study_uid: str, revision: int) -> str | None: ...
     def open_consultation(self, job_id: int, created_by: str) -> Consultation: ...
     def consultation(self, consultation_id: int) -> Consultation: ...

@@ -10,6 +10,7 @@ Where each number comes from (the worker is another process, possibly on another
   job: ``reporting − inferring`` of its latest analysis) and export attempts / retries / give-ups.  So
   they survive worker restarts, need no Prometheus multiprocess mode, and with a shared PostgreSQL
   store every node reports the same cluster-wide values (label them by scrape target, sum nothing).
+* **Shadow-mode agreement** (:mod:`dicom_node.shadow`) is read from the job store the same way.
 * **Worker liveness** comes from the worker's heartbeat file (:mod:`dicom_node.work.heartbeat`).
 """
 
@@ -31,6 +32,7 @@ from dicom_node.ingest.slots import SlotPool
 from dicom_node.jobs.model import JobState, JobStore, OpsStats
 from dicom_node.network.access import GateStats
 from dicom_node.ops.retention import RetentionStats
+from dicom_node.shadow import ShadowSummary, summarise
 from dicom_node.work.heartbeat import read_heartbeat
 
 __all__ = ["INFERENCE_BUCKETS", "NodeCollector", "NodeSources", "render_metrics"]
@@ -80,6 +82,7 @@ class NodeCollector(Collector):
         self.sources = sources
         self.store_cache_s = store_cache_s
         self._cached: tuple[float, OpsStats] | None = None
+        self._shadow_cached: tuple[float, ShadowSummary] | None = None
         self._lock = threading.Lock()
 
     def _ops(self) -> OpsStats:
@@ -88,6 +91,33 @@ class NodeCollector(Collector):
             if self._cached is None or now - self._cached[0] > self.store_cache_s:
                 self._cached = (now, self.sources.store.ops_stats())
             return self._cached[1]
+
+    def _shadow_summary(self) -> ShadowSummary:
+        with self._lock:
+            now = time.monotonic()
+            if self._shadow_cached is None or now - self._shadow_cached[0] > self.store_cache_s:
+                self._shadow_cached = (now, summarise(self.sources.store.shadow_rows()))
+            return self._shadow_cached[1]
+
+    def _shadow(self) -> Iterator[Metric]:
+        s = self._shadow_summary()
+        ratio = GaugeMetricFamily("spinemed_shadow_agreement_ratio",
+                                  "Shadow mode: share of labelled cells where the node's grade equals the site's",
+                                  labels=["condition"])
+        compared = CounterMetricFamily("spinemed_shadow_compared",
+                                       "Shadow mode: labelled cells compared (condition x level x study)",
+                                       labels=["condition"])
+        agreed = CounterMetricFamily("spinemed_shadow_agreed", "Shadow mode: labelled cells in agreement",
+                                     labels=["condition"])
+        for condition, a in s.by_condition.items():
+            if a.ratio is not None:
+                ratio.add_metric([condition], a.ratio)
+            compared.add_metric([condition], a.n)
+            agreed.add_metric([condition], a.agree)
+        yield ratio
+        yield compared
+        yield agreed
+        yield GaugeMetricFamily("spinemed_shadow_studies", "Shadow mode: studies compared", value=s.studies)
 
     def collect(self) -> Iterator[Metric]:
         s = self.sources
@@ -140,6 +170,7 @@ class NodeCollector(Collector):
         if s.heartbeat_file is not None:
             yield from self._worker()
         yield from self._jobs()
+        yield from self._shadow()
 
     def _worker(self) -> Iterator[Metric]:
         assert self.sources.heartbeat_file is not None

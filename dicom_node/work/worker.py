@@ -30,6 +30,7 @@ from dicom_node.jobs.completeness import due_at
 from dicom_node.jobs.model import Job, JobState, JobStore, OutputRecord
 from dicom_node.log import get_logger, phi_hash, use_phi_key
 from dicom_node.ops.audit import open_audit
+from dicom_node.shadow import ShadowWatcher
 from dicom_node.work.consult import ConsultationServer
 from dicom_node.work.heartbeat import HeartbeatWriter, heartbeat_path
 from dicom_node.work.pipeline import Pipeline, output_kind
@@ -152,6 +153,7 @@ class Worker:
         self.heartbeat = HeartbeatWriter(heartbeat_path(config.node.data_dir))
         self.headers = HeaderCache()
         self.consultations = ConsultationServer(config, store, self.pipeline, self.audit, self.owner)
+        self.shadow = ShadowWatcher(config, store)
 
     # ------------------------------------------------------------------ lifecycle
     def reclaim_dead_leases(self) -> int:
@@ -193,7 +195,7 @@ class Worker:
             try:
                 while not self._stop.is_set():
                     # consultation questions first: someone waits for each; they never interrupt a study
-                    if self._consult() or self.run_once(export_inline=inline):
+                    if self._shadow() or self._consult() or self.run_once(export_inline=inline):
                         continue
                     # idle: read the headers of studies still arriving, in short turns between claims
                     if not self._prefetch():
@@ -260,6 +262,16 @@ class Worker:
             return self.consultations.serve_pending() > 0
         except Exception:  # a store problem: the claim of the next study reports it too
             log.exception("consultation queue failed")
+            return False
+
+    def _shadow(self) -> bool:
+        """Compare the site's label files with the kept findings (shadow mode), when a look is due."""
+        if not self.shadow.enabled:
+            return False
+        try:
+            return self.shadow.poll() > 0
+        except Exception:  # a store or folder problem: logged, tried again at the next poll
+            log.exception("shadow labels failed")
             return False
 
     def idle_wait(self, now: float | None = None) -> float:

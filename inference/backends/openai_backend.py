@@ -28,6 +28,7 @@ from inference.errors import (
     InvalidModelOutputError,
 )
 from inference.findings import ModelIdentity, SpineFindings
+from inference.grade_probs import from_logprobs
 from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelImage, ModelInput, Turn
 from inference.postprocess import to_findings
 from inference.prompts import PROMPT_VERSION, build_consult_messages, build_messages
@@ -41,6 +42,7 @@ _log = logging.getLogger(__name__)
 #: Attempts per study when the server's answer does not validate (one retry).
 ANSWER_ATTEMPTS: Final = 2
 _SCHEMA_NAME: Final = "spine_model_answer"
+_TOP_LOGPROBS: Final = 5
 _NO_DIGEST: Final = "unknown (remote server; set [model].path to hash)"
 
 
@@ -232,7 +234,10 @@ class OpenAIBackend:
             return InferenceError(f"model server rejected the request: HTTP {exc.status_code}: {detail}")
         return InferenceError(f"model server: {type(exc).__name__}: {exc}")
 
-    def _complete(self, messages: list[dict[str, Any]], schema: dict[str, Any], timeout: float) -> str:
+    def _complete(
+        self, messages: list[dict[str, Any]], schema: dict[str, Any], timeout: float
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """One completion: the answer text and its per-token logprobs (empty where the server gives none)."""
         import openai
 
         s = self.settings
@@ -248,6 +253,9 @@ class OpenAIBackend:
                 max_tokens=s.max_new_tokens,
                 temperature=s.temperature,
                 seed=s.seed,
+                # the severity tokens' probabilities give per-grade probabilities (inference.grade_probs)
+                logprobs=True,
+                top_logprobs=_TOP_LOGPROBS,
                 timeout=timeout,
             )
         except openai.OpenAIError as exc:
@@ -258,7 +266,9 @@ class OpenAIBackend:
         text = choice.message.content or ""
         if choice.finish_reason == "length":
             raise InvalidModelOutputError(f"model output cut at max_tokens={s.max_new_tokens} ({len(text)} characters)")
-        return text
+        logprobs = getattr(choice, "logprobs", None)
+        content = getattr(logprobs, "content", None) or []
+        return text, [c.model_dump() if hasattr(c, "model_dump") else dict(c) for c in content]
 
     def analyze(self, inputs: ModelInput) -> SpineFindings:
         """Ask the server about one study; validate, retry once on an invalid answer.
@@ -282,8 +292,12 @@ class OpenAIBackend:
                 raise InferenceTimeoutError(f"model server: no valid answer within {self.settings.timeout_s:g} s")
             timeout = min(remaining, self.settings.openai.timeout_s)
             try:
-                answer = parse_answer(self._complete(messages, schema, timeout))
-                return to_findings(answer, inputs, self._identity)
+                text, logprobs = self._complete(messages, schema, timeout)
+                findings = to_findings(parse_answer(text), inputs, self._identity)
+                probabilities = from_logprobs(text, logprobs)
+                if probabilities:
+                    findings = findings.model_copy(update={"grade_probabilities": probabilities})
+                return findings
             except InvalidModelOutputError as exc:
                 _log.warning("model server answer %d/%d invalid: %s", attempt, ANSWER_ATTEMPTS, exc)
                 last = exc

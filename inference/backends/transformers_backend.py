@@ -30,7 +30,8 @@ from inference.errors import (
     InferenceTimeoutError,
     InvalidModelOutputError,
 )
-from inference.findings import ModelIdentity, SpineFindings
+from inference.findings import GradeProbabilities, ModelIdentity, SpineFindings
+from inference.grade_probs import SeverityProbe
 from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelImage, ModelInput, Turn
 from inference.postprocess import to_findings
 from inference.prompts import PROMPT_VERSION, build_consult_messages, build_messages
@@ -220,9 +221,13 @@ class LLGuidanceLogitsProcessor(_make_logits_processor_base()):  # type: ignore[
         llguidance grammar (e.g. from ``LLMatcher.grammar_from_json_schema``).
     prompt_length
         Number of prompt tokens: tokens after them are the answer.
+    probe
+        Optional :class:`~inference.grade_probs.SeverityProbe`: sees each step's unconstrained scores and
+        the allowed-token mask, to read the per-grade probabilities.
     """
 
-    def __init__(self, ll_tokenizer: Any, grammar: str, *, prompt_length: int) -> None:
+    def __init__(self, ll_tokenizer: Any, grammar: str, *, prompt_length: int,
+                 probe: SeverityProbe | None = None) -> None:
         import llguidance
 
         self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
@@ -231,6 +236,7 @@ class LLGuidanceLogitsProcessor(_make_logits_processor_base()):  # type: ignore[
         self._prompt_length = prompt_length
         self._consumed = 0
         self._allowed: torch.Tensor | None = None
+        self._probe = probe
 
     @property
     def accepting(self) -> bool:
@@ -250,6 +256,8 @@ class LLGuidanceLogitsProcessor(_make_logits_processor_base()):  # type: ignore[
             raise InvalidModelOutputError(f"constrained decoding failed: {self._matcher.get_error()}")
         bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         vocab = scores.shape[-1]
+        if self._probe is not None:
+            self._probe.step(new, self._consumed, scores[0], bits[:vocab].astype(bool))
         if self._allowed is None or self._allowed.shape[0] != vocab:
             self._allowed = torch.zeros(vocab, dtype=torch.bool)
         n = min(vocab, bits.shape[0])
@@ -378,6 +386,8 @@ class TransformersBackend:
         self.last_generated_tokens = 0
         #: the chat messages of the last consultation turn (images as ``image_index`` parts)
         self.last_consult_messages: list[dict[str, Any]] = []
+        #: per-grade probabilities read while generating the last answer (see :mod:`inference.grade_probs`)
+        self.last_grade_probabilities: tuple[GradeProbabilities, ...] = ()
         self.model_dir = resolve_model_dir(settings)
         self.device, self.dtype = resolve_device_dtype(settings)
         self.static_cache = settings.static_cache == "on" or (
@@ -513,7 +523,9 @@ class TransformersBackend:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             self.schema(inputs), defaults={"whitespace_flexible": False}
         )
-        guide = LLGuidanceLogitsProcessor(self._ll_tokenizer, grammar, prompt_length=prompt_length)
+        probe = SeverityProbe(self.processor.tokenizer)
+        self.last_grade_probabilities = ()
+        guide = LLGuidanceLogitsProcessor(self._ll_tokenizer, grammar, prompt_length=prompt_length, probe=probe)
         stop = DeadlineCriteria(deadline)
         gen_kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.temperature > 0}
         if s.temperature > 0:
@@ -563,6 +575,7 @@ class TransformersBackend:
             raise InvalidModelOutputError(
                 f"model output incomplete after {len(tokens)} tokens (max_new_tokens={s.max_new_tokens})"
             )
+        self.last_grade_probabilities = probe.grade_probabilities(str(answer), answer_tokens)
         return str(answer)
 
     def analyze(self, inputs: ModelInput) -> SpineFindings:
@@ -577,6 +590,8 @@ class TransformersBackend:
         started = time.monotonic()
         text = self.generate_text(inputs)
         findings = to_findings(parse_answer(text), inputs, self._identity)
+        if self.last_grade_probabilities:
+            findings = findings.model_copy(update={"grade_probabilities": self.last_grade_probabilities})
         _log.info(
             "study analysed: %d images, %d level findings, %.2f s",
             len(inputs.images),

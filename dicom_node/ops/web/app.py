@@ -1,7 +1,8 @@
 """The starlette application and the uvicorn server thread that serves it.
 
 Routes: ``/health/live``, ``/health/ready`` (JSON; 200 or 503), ``/metrics`` (Prometheus text),
-``/jobs`` (HTML, read-only), ``/jobs/{id}/report/{kind}`` (the result SR rendered by ``dsr2html``),
+``/jobs`` (HTML, read-only), ``/shadow`` (shadow-mode agreement, no identifiers:
+:mod:`dicom_node.ops.web.shadow_page`), ``/jobs/{id}/report/{kind}`` (the result SR rendered by ``dsr2html``),
 ``/api/v1/studies/...`` (a study's status as JSON, for the Orthanc plugin: :mod:`dicom_node.ops.web.api`),
 the consultation page and API (``/jobs/{id}/consult``, ``/api/v1/jobs/{id}/consultation``:
 :mod:`dicom_node.ops.web.consult`, the only routes that change anything) and ``/`` (redirects to ``/jobs``).
@@ -36,6 +37,7 @@ from dicom_node.ops.web.auth import Guard, api_token
 from dicom_node.ops.web.consult import consult_routes
 from dicom_node.ops.web.health import Readiness
 from dicom_node.ops.web.pages import ReportError, jobs_page, render_report
+from dicom_node.ops.web.shadow_page import shadow_page
 
 __all__ = ["HttpServer", "build_app"]
 
@@ -86,6 +88,12 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
         except ReportError as exc:
             return PlainTextResponse(str(exc), status_code=404)
 
+    def shadow(request: Request) -> Response:
+        refused = guard.refused(request)  # agreement with the site's results: not for whoever reaches the port
+        if refused is not None:
+            return refused
+        return HTMLResponse(shadow_page(store, enabled=config.shadow.labels_dir is not None))
+
     def root(request: Request) -> Response:
         return RedirectResponse("/jobs")
 
@@ -95,6 +103,7 @@ def build_app(config: NodeConfig, readiness: Readiness, collector: NodeCollector
         Route("/health/ready", ready),
         Route("/metrics", metrics),
         Route("/jobs", jobs),
+        Route("/shadow", shadow),
         Route("/jobs/{job_id:int}/report/{kind:str}", report),
         *api_routes(store, guard),
         *consult_routes(config, store, guard, audit if audit is not None else open_audit(config)),
