@@ -156,7 +156,7 @@ def send_all(port: int, studies: list[Study], senders: int, seed: int) -> SendLo
 
 
 # --------------------------------------------------------------------------------------------- the node
-def _toml(data: Path, port: int, dest_port: int | None, model: str) -> str:
+def _toml(data: Path, port: int, dest_port: int | None, model: str, export_threads: int | None = None) -> str:
     dest = (f'[[destinations]]\nname = "pacs"\nae_title = "SPINEMED"\nhost = "127.0.0.1"\nport = {dest_port}\n'
             if dest_port else "")
     model_t = (f'[model]\nbackend = "demo"\npath = "{os.environ.get("SPINEMED_DEMO_MODEL", REPO / ".models/demo")}"\n'
@@ -164,7 +164,9 @@ def _toml(data: Path, port: int, dest_port: int | None, model: str) -> str:
     return (f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n'
             f"max_associations = 64\n[http]\nenabled = false\n"
             f"[completeness]\nquiet_seconds = {QUIET_S}\ncheck_interval_s = 0.1\nforce_seconds = 600\n"
-            f"[worker]\npoll_interval_s = 0.1\n{model_t}{dest}")
+            f"[worker]\npoll_interval_s = 0.1\n"
+            + (f"export_threads = {export_threads}\n" if export_threads is not None else "")
+            + f"{model_t}{dest}")
 
 
 def _sample_queue(db: Path, stop: threading.Event, samples: list[tuple[float, dict[str, int]]]) -> None:
@@ -181,15 +183,20 @@ def _sample_queue(db: Path, stop: threading.Event, samples: list[tuple[float, di
         store.close()
 
 
-def run_one(tmp: Path, mode: str, studies: list[Study], senders: int, seed: int) -> dict[str, object]:
+def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int) -> dict[str, object]:
+    """One end-to-end run; ``label`` is ``ingest``, ``zero`` or ``demo``, with ``:N`` for ``[worker]
+    export_threads = N`` (else the default)."""
     from dicom_node.jobs.sqlite import SQLiteJobStore
 
-    data = tmp / f"node-{mode}"
+    mode, _, threads = label.partition(":")
+    export_threads = int(threads) if threads else None
+    name = label.replace(":", "-x")
+    data = tmp / f"node-{name}"
     port = free_port()
-    dest_dir = tmp / f"dest-{mode}"
+    dest_dir = tmp / f"dest-{name}"
     dest_dir.mkdir()
     procs: list[subprocess.Popen[bytes]] = []
-    logf = (tmp / f"node-{mode}.log").open("wb")
+    logf = (tmp / f"node-{name}.log").open("wb")
     dest_port = None
     if mode != "ingest":
         dest_port = free_port()
@@ -197,8 +204,8 @@ def run_one(tmp: Path, mode: str, studies: list[Study], senders: int, seed: int)
                                        "--accept-all", "--unique-filenames", str(dest_port)], env=DCMTK_ENV,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(dest_port)
-    cfg = tmp / f"node-{mode}.toml"
-    cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero"))
+    cfg = tmp / f"node-{name}.toml"
+    cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero", export_threads))
     command = "serve" if mode == "demo" else "receive"
     procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node", command, "--config", str(cfg)],
                                   stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
@@ -269,7 +276,7 @@ def run_one(tmp: Path, mode: str, studies: list[Study], senders: int, seed: int)
         logf.close()
     # the last study's quiet period is the completeness policy, not work: it is reported on its own
     span = (end - QUIET_S if mode != "ingest" else sent.last_sent) - sent.first_sent
-    result: dict[str, object] = {"mode": mode, "studies": len(studies), "span_s": round(span, 1),
+    result: dict[str, object] = {"mode": label, "studies": len(studies), "span_s": round(span, 1),
                                  "studies_per_hour": round(len(studies) * 3600 / span, 1), "rows": rows,
                                  "queue": [(round(t - sent.first_sent, 2), c) for t, c in samples]}
     if mode != "ingest":
@@ -280,7 +287,7 @@ def run_one(tmp: Path, mode: str, studies: list[Study], senders: int, seed: int)
         stages = {k: sum(float(r[k]) for r in rows) for k in ("wait_s", "analysis_s", "write_s", "export_s")}  # type: ignore[arg-type]
         total = sum(stages.values()) or 1.0
         result["stage_share"] = {k[:-2]: round(v / total, 3) for k, v in stages.items()}
-        predict = _predict_seconds(tmp / f"node-{mode}.log")
+        predict = _predict_seconds(tmp / f"node-{name}.log")
         own = [float(r["analysis_s"]) + float(r["write_s"]) + float(r["export_s"])  # type: ignore[arg-type]
                - predict.get(int(r["job"]), 0.0) for r in rows]  # type: ignore[call-overload]
         result["model_s"] = round(statistics.median(predict.values()), 3) if predict else None
@@ -330,7 +337,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--studies", type=int, default=24)
     ap.add_argument("--senders", type=int, default=6)
-    ap.add_argument("--models", default="zero,demo", help="which end-to-end runs besides ingest: zero,demo")
+    ap.add_argument("--models", default="zero,demo",
+                    help="end-to-end runs besides ingest: zero,demo; 'zero:0' = [worker] export_threads = 0")
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (studies, node data, logs)")
@@ -345,7 +353,7 @@ def main() -> int:
         for mode in ["ingest", *[m for m in args.models.split(",") if m]]:
             res = run_one(tmp, mode, studies, args.senders, args.seed)
             results.append(res)
-            line = f"{mode:<7} {res['studies_per_hour']:>8} studies/h over {res['span_s']} s"
+            line = f"{mode:<8} {res['studies_per_hour']:>8} studies/h over {res['span_s']} s"
             if mode != "ingest":
                 line += (f"; last instance → SR acknowledged, quiet excluded: p50 {res['p50_s']} s, p95 "
                          f"{res['p95_s']} s, p99 {res['p99_s']} s (quiet {res['quiet_s']} s); stages "
@@ -359,6 +367,10 @@ def main() -> int:
         if "demo" in by and by["demo"].get("model_s"):
             ratios["node_own_time_vs_model_time_demo"] = round(
                 float(by["demo"]["node_own_s"]) / float(by["demo"]["model_s"]), 3)  # type: ignore[arg-type]
+        for kind in ("zero", "demo"):  # export threads vs results sent before the next analysis, same run
+            if kind in by and f"{kind}:0" in by:
+                ratios[f"{kind}_export_threads_vs_inline_studies_per_hour"] = round(
+                    float(by[kind]["studies_per_hour"]) / float(by[f"{kind}:0"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
         print("ratios:", ratios, flush=True)
         args.json.write_text(json.dumps({"studies": args.studies, "senders": args.senders, "quick": args.quick,
                                          "results": [{k: v for k, v in r.items() if k != "queue"} for r in results],
