@@ -183,7 +183,8 @@ def _sample_queue(db: Path, stop: threading.Event, samples: list[tuple[float, di
         store.close()
 
 
-def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int) -> dict[str, object]:
+def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int,
+            dest_delay_ms: float = 0.0) -> dict[str, object]:
     """One end-to-end run; ``label`` is ``ingest``, ``zero`` or ``demo``, with ``:N`` for ``[worker]
     export_threads = N`` (else the default)."""
     from dicom_node.jobs.sqlite import SQLiteJobStore
@@ -200,9 +201,13 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
     dest_port = None
     if mode != "ingest":
         dest_port = free_port()
-        procs.append(subprocess.Popen(["storescp", "--aetitle", "SPINEMED", "--output-directory", str(dest_dir),
-                                       "--accept-all", "--unique-filenames", str(dest_port)], env=DCMTK_ENV,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if dest_delay_ms > 0:  # a PACS that takes this long per object (across a network, busy)
+            procs.append(subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "slow_scp.py"), str(dest_port),
+                                           str(dest_delay_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        else:
+            procs.append(subprocess.Popen(["storescp", "--aetitle", "SPINEMED", "--output-directory", str(dest_dir),
+                                           "--accept-all", "--unique-filenames", str(dest_port)], env=DCMTK_ENV,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(dest_port)
     cfg = tmp / f"node-{name}.toml"
     cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero", export_threads))
@@ -341,6 +346,8 @@ def main() -> int:
                     help="end-to-end runs besides ingest: zero,demo; 'zero:0' = [worker] export_threads = 0")
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--dest-delay-ms", type=float, default=0.0,
+                    help="destination: a pynetdicom SCP taking this long per C-STORE instead of storescp")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (studies, node data, logs)")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "load.json")
     ap.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "load.png")
@@ -351,7 +358,7 @@ def main() -> int:
         studies = make_workload(tmp, args.studies, args.quick, args.seed)
         results = []
         for mode in ["ingest", *[m for m in args.models.split(",") if m]]:
-            res = run_one(tmp, mode, studies, args.senders, args.seed)
+            res = run_one(tmp, mode, studies, args.senders, args.seed, args.dest_delay_ms)
             results.append(res)
             line = f"{mode:<8} {res['studies_per_hour']:>8} studies/h over {res['span_s']} s"
             if mode != "ingest":
