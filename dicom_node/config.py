@@ -382,6 +382,11 @@ class WorkerConfig(_Section):
         default=1, ge=0, le=8,
         description="threads sending results while the model analyses the next study; 0: send before the next",
     )
+    analysis_threads: int = Field(
+        default=1, ge=1, le=32,
+        description="studies analysed side by side: for a model server that batches concurrent requests (openai "
+                    "backend, vLLM); an in-process model is still used by one study at a time",
+    )
 
 
 class ConsultationConfig(_Section):

@@ -93,3 +93,57 @@ def test_the_next_study_is_analysed_while_the_last_is_sent(tmp_path: Path, pacs:
         assert b["inferring"] < a["done"], (a, b)
     else:
         assert a["done"] < b["inferring"], (a, b)
+
+
+class Gauge(ScriptedCobb):
+    """A scripted model that counts the analyses in flight at once; ``concurrent`` says, as the openai
+    backend does, that it takes concurrent calls.  Each call waits (up to 10 s) until ``want`` calls are in
+    flight, so a node that overlaps analyses is seen doing so however loaded the machine is."""
+
+    def __init__(self, concurrent: bool, want: int) -> None:
+        super().__init__(20.0)
+        self.concurrent = concurrent
+        self.want = want
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.cond = threading.Condition()
+
+    def analyze(self, inputs: Any) -> Any:
+        with self.cond:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.in_flight >= self.want, timeout=10 if self.concurrent else 2.0)
+        try:
+            return super().analyze(inputs)
+        finally:
+            with self.cond:
+                self.in_flight -= 1
+
+
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent-model", "in-process-model"])
+def test_analysis_threads_overlap_only_a_model_that_takes_concurrent_calls(tmp_path: Path, concurrent: bool) -> None:
+    cfg = load_config(
+        node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path / "data", "min_free_disk_mb": 0},
+        http={"enabled": False},
+        completeness={"quiet_seconds": 0.3, "force_seconds": 60, "check_interval_s": 0.1},
+        worker={"poll_interval_s": 0.05, "analysis_threads": 3},
+    )
+    model = Gauge(concurrent, want=3)
+    studies = [make_scoliosis_radiograph(tmp_path / f"s{i}", seed=60 + i, patient_id=f"THR-{i}") for i in range(3)]
+    with running_node(cfg, Pipeline(cfg, model=model)) as node:
+        for st in studies:
+            assert storescu(node.receiver.port, list(st.paths)).returncode == 0
+        wait_until(lambda: all(_done_or_kept(node, st.study_instance_uid) for st in studies), 120,
+                   "the three studies reported")
+    if concurrent:
+        assert model.max_in_flight == 3, "three studies analysed side by side"
+    else:
+        assert model.max_in_flight == 1, "an in-process model is used by one study at a time"
+
+
+def _done_or_kept(node: Any, study_uid: str) -> bool:
+    try:
+        return node.store.by_study(study_uid).state in (JobState.DONE, JobState.FAILED)
+    except JobNotFoundError:
+        return False

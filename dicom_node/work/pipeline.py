@@ -12,6 +12,7 @@ same :class:`Pipeline` on files, without network or job store.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,9 @@ class Pipeline:
 
         self.config = config
         self._model = model
+        # a model that does not declare itself safe for concurrent calls (``concurrent = True``: the openai
+        # backend, whose server batches them) is used by one analysis thread at a time
+        self._model_lock = threading.Lock()
         # the site's terminology, process-wide: one node, one config
         apply_site_codes({k: Code(c.value, c.scheme, c.meaning) for k, c in config.output.codes.items()})
 
@@ -193,8 +197,14 @@ class Pipeline:
         if prior is not None and prior.report is not None:
             inputs = replace(inputs, clinical_context=" ".join(
                 filter(None, (inputs.clinical_context, comparison_context(prior.report, current_date)))))
-        t2 = time.perf_counter()
-        findings = self.model.analyze(inputs)
+        model = self.model
+        if getattr(model, "concurrent", False):
+            t2 = time.perf_counter()
+            findings = model.analyze(inputs)
+        else:
+            with self._model_lock:
+                t2 = time.perf_counter()  # (a wait for another thread's study is not this study's predict time)
+                findings = model.analyze(inputs)
         t3 = time.perf_counter()
         comparison: Comparison | None = None
         if prior is not None:

@@ -60,6 +60,7 @@ class HeaderCache:
         self.max_entries = max_entries
         self._headers: dict[str, tuple[int, int, Dataset]] = {}  # path → (size, mtime_ns, header)
         self._read: dict[str, int] = {}  # study UID → instances read for it
+        self._lock = threading.Lock()  # analysis threads take while the main loop prefetches
 
     def __len__(self) -> int:
         return len(self._headers)
@@ -67,6 +68,10 @@ class HeaderCache:
     def prefetch(self, store: JobStore, budget_s: float) -> bool:
         """Read headers of arriving studies for about ``budget_s`` (at least one header); True if there is
         more to read."""
+        with self._lock:
+            return self._prefetch(store, budget_s)
+
+    def _prefetch(self, store: JobStore, budget_s: float) -> bool:
         deadline = time.monotonic() + budget_s
         done = 0
         jobs = store.jobs([JobState.RECEIVING, JobState.COMPLETE])
@@ -95,8 +100,9 @@ class HeaderCache:
     def take(self, paths: Sequence[str]) -> dict[Path, Dataset]:
         """The still valid headers of ``paths``, removed from the cache."""
         out: dict[Path, Dataset] = {}
-        for path in paths:
-            entry = self._headers.pop(path, None)
+        with self._lock:
+            entries = [(path, self._headers.pop(path, None)) for path in paths]
+        for path, entry in entries:
             if entry is None:
                 continue
             try:
@@ -192,6 +198,10 @@ class Worker:
             for t in exporters:
                 t.start()
             inline = not exporters
+            analysers = [threading.Thread(target=self._analysis_loop, args=(inline,), name=f"analysis-{i}",
+                                          daemon=True) for i in range(1, self.config.worker.analysis_threads)]
+            for t in analysers:
+                t.start()
             try:
                 while not self._stop.is_set():
                     # consultation questions first: someone waits for each; they never interrupt a study
@@ -202,36 +212,53 @@ class Worker:
                         self._stop.wait(self.idle_wait())
             finally:
                 self._export_due.set()
+                for t in analysers:
+                    t.join(timeout=self.config.model.timeout_s + 10)
                 for t in exporters:
                     t.join(timeout=self.config.export.timeout_s + 10)
         finally:
             self.heartbeat.stop()
             self.audit.close()
 
-    def run_once(self, *, export_inline: bool = True) -> bool:
+    def run_once(self, *, export_inline: bool = True, owner: str | None = None) -> bool:
         """Claim and work one job; ``False`` when there was nothing to do.
 
         ``export_inline=False`` (the worker's export threads run): claim analyses only, and hand a study whose
         results are written to the export threads, so that the model starts on the next study while they send.
+        ``owner``: the lease owner of the calling thread (default: the worker's main loop).
         """
-        job = self.store.claim(self.owner, time.time(), self.config.worker.lease_seconds,
+        owner = owner or self.owner
+        job = self.store.claim(owner, time.time(), self.config.worker.lease_seconds,
                                work="any" if export_inline else "analysis")
         if job is None:
             return False
         self.heartbeat.job = job.id
         try:
             if job.state is JobState.COMPLETE:
-                job = self._analyse(job)
+                job = self._analyse(job, owner)
             if job.state is JobState.EXPORTING:
                 if export_inline:
-                    self._export(job, self.owner)
+                    self._export(job, owner)
                 else:
-                    self.store.release(job.id, self.owner)
+                    self.store.release(job.id, owner)
                     self._export_due.set()
         except Exception as exc:
             log.exception("job failed with an internal error", job=job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}", self.owner)
+            self._fail(job, f"internal error: {type(exc).__name__}: {exc}", owner)
         return True
+
+    def _analysis_loop(self, export_inline: bool) -> None:
+        """A further analysis thread (``[worker] analysis_threads`` > 1): studies analysed side by side, for a
+        model that takes concurrent requests (a vLLM server batches them); one that does not is used by one
+        thread at a time (:meth:`dicom_node.work.pipeline.Pipeline.run`)."""
+        owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        while not self._stop.is_set():
+            try:
+                if self.run_once(export_inline=export_inline, owner=owner):
+                    continue
+            except Exception:  # a store problem: the main loop's claim reports it too
+                log.exception("analysis claim failed")
+            self._stop.wait(self.idle_wait())
 
     def _export_loop(self) -> None:
         """One export thread: send the results of studies whose deliveries are due, beside the analyses."""
@@ -310,14 +337,14 @@ class Worker:
             self.store.transition(job.id, owner, JobState.FAILED, reason=reason[:1000])
 
     # ------------------------------------------------------------------ stages
-    def _analyse(self, job: Job) -> Job:
-        job = self.store.transition(job.id, self.owner, JobState.INFERRING)  # attempts now counts this analysis
+    def _analyse(self, job: Job, owner: str) -> Job:
+        job = self.store.transition(job.id, owner, JobState.INFERRING)  # attempts now counts this analysis
         records = self.store.instances(job.study_instance_uid)
         try:
             paths = [r.path for r in records]
             study = load_study(paths, study_instance_uid=job.study_instance_uid, known_headers=self.headers.take(paths))
         except StudyError as exc:
-            return self.store.transition(job.id, self.owner, JobState.FAILED, reason=f"unreadable study: {exc}")
+            return self.store.transition(job.id, owner, JobState.FAILED, reason=f"unreadable study: {exc}")
         revision = job.revision + 1
         predecessors = self._previous_outputs(job)
         t_prior = time.perf_counter()
@@ -327,19 +354,19 @@ class Worker:
             outcome = self.pipeline.run(study, revision=revision, predecessors=predecessors, prior=prior)
         except UnusableStudyError as exc:
             self.store.mark_unusable(job.study_instance_uid, {e.sop_instance_uid: e.reason for e in exc.excluded})
-            return self._analysis_failed(job, exc)
+            return self._analysis_failed(job, exc, owner)
         except InferenceError as exc:
-            return self._analysis_failed(job, exc)
+            return self._analysis_failed(job, exc, owner)
         except ReportError as exc:  # highdicom refused what these findings and headers made: final
             log.warning("report could not be built", job=job.id, exc_info=True)
-            return self.store.transition(job.id, self.owner, JobState.FAILED,
+            return self.store.transition(job.id, owner, JobState.FAILED,
                                          reason=f"report could not be built: {exc}"[:1000])
         self.store.mark_unusable(job.study_instance_uid, {e.sop_instance_uid: e.reason for e in outcome.excluded})
         self.heartbeat.model_status(True)
         if outcome.skipped_reason is not None:
             log.info("study skipped", job=job.id)
-            return self.store.transition(job.id, self.owner, JobState.SKIPPED, reason=outcome.skipped_reason)
-        self.store.transition(job.id, self.owner, JobState.REPORTING)
+            return self.store.transition(job.id, owner, JobState.SKIPPED, reason=outcome.skipped_reason)
+        self.store.transition(job.id, owner, JobState.REPORTING)
         out_dir = self.config.outputs_dir / study_key(job.study_instance_uid) / f"r{revision}"
         records_out: list[OutputRecord] = []
         for ds in outcome.datasets:
@@ -374,9 +401,9 @@ class Worker:
                      seconds=round(prior_s, 3))
         if outcome.findings is not None:  # what a consultation about this revision carries
             self.store.record_findings(job.study_instance_uid, revision, outcome.findings.model_dump_json())
-        return self.store.finish_report(job.id, self.owner, revision, records_out, destinations, kinds, note)
+        return self.store.finish_report(job.id, owner, revision, records_out, destinations, kinds, note)
 
-    def _analysis_failed(self, job: Job, exc: InferenceError) -> Job:
+    def _analysis_failed(self, job: Job, exc: InferenceError, owner: str) -> Job:
         """A transient failure (the model server down or busy, out of GPU memory, too slow) defers the study
         with the persisted backoff, up to ``[worker] model_max_attempts`` analyses; a permanent one fails it."""
         cfg = self.config.worker
@@ -388,14 +415,14 @@ class Worker:
                         attempt=attempts, retry_in_s=round(delay, 1), reason=reason[:300])
             self.heartbeat.model_status(False, reason[:300])
             return self.store.defer_analysis(
-                job.id, self.owner, time.time() + delay,
+                job.id, owner, time.time() + delay,
                 reason=f"waiting for the model (attempt {attempts} of {cfg.model_max_attempts}): {reason}"[:1000],
             )
         self.heartbeat.model_status(not is_transient(exc), reason[:300] if is_transient(exc) else None)
         if is_transient(exc):
             reason = f"model unavailable after {attempts} attempts: {reason}"
         log.warning("analysis failed", job=job.id, error=type(exc).__name__, reason=reason[:300])
-        return self.store.transition(job.id, self.owner, JobState.FAILED, reason=reason[:1000])
+        return self.store.transition(job.id, owner, JobState.FAILED, reason=reason[:1000])
 
     def _previous_outputs(self, job: Job) -> list[Dataset]:
         if job.revision < 1:

@@ -75,6 +75,10 @@ class OpenAIBackend:
         that ignore ``response_format``.  The prompt always carries a summary of the answer format.
     """
 
+    #: Safe to call from several analysis threads at once (``[worker] analysis_threads``): each call is one
+    #: HTTP request with no state shared between calls, and the server batches concurrent requests.
+    concurrent = True
+
     backend_name: str = "openai"
 
     def __init__(
