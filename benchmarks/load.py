@@ -156,7 +156,8 @@ def send_all(port: int, studies: list[Study], senders: int, seed: int) -> SendLo
 
 
 # --------------------------------------------------------------------------------------------- the node
-def _toml(data: Path, port: int, dest_port: int | None, model: str, export_threads: int | None = None) -> str:
+def _toml(data: Path, port: int, dest_port: int | None, model: str, export_threads: int | None = None,
+          analysis_threads: int | None = None) -> str:
     dest = (f'[[destinations]]\nname = "pacs"\nae_title = "SPINEMED"\nhost = "127.0.0.1"\nport = {dest_port}\n'
             if dest_port else "")
     model_t = (f'[model]\nbackend = "demo"\npath = "{os.environ.get("SPINEMED_DEMO_MODEL", REPO / ".models/demo")}"\n'
@@ -166,6 +167,7 @@ def _toml(data: Path, port: int, dest_port: int | None, model: str, export_threa
             f"[completeness]\nquiet_seconds = {QUIET_S}\ncheck_interval_s = 0.1\nforce_seconds = 600\n"
             f"[worker]\npoll_interval_s = 0.1\n"
             + (f"export_threads = {export_threads}\n" if export_threads is not None else "")
+            + (f"analysis_threads = {analysis_threads}\n" if analysis_threads is not None else "")
             + f"{model_t}{dest}")
 
 
@@ -185,13 +187,14 @@ def _sample_queue(db: Path, stop: threading.Event, samples: list[tuple[float, di
 
 def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int,
             dest_delay_ms: float = 0.0) -> dict[str, object]:
-    """One end-to-end run; ``label`` is ``ingest``, ``zero`` or ``demo``, with ``:N`` for ``[worker]
-    export_threads = N`` (else the default)."""
+    """One end-to-end run; ``label`` is ``ingest``, ``zero`` or ``demo``, with ``:E`` for ``[worker]
+    export_threads = E`` and ``:E:A`` for ``analysis_threads = A`` too (else the defaults)."""
     from dicom_node.jobs.sqlite import SQLiteJobStore
 
-    mode, _, threads = label.partition(":")
-    export_threads = int(threads) if threads else None
-    name = label.replace(":", "-x")
+    mode, *threads = label.split(":")
+    export_threads = int(threads[0]) if threads and threads[0] else None
+    analysis_threads = int(threads[1]) if len(threads) > 1 else None
+    name = label.replace(":", "-x")  # (a folder name)
     data = tmp / f"node-{name}"
     port = free_port()
     dest_dir = tmp / f"dest-{name}"
@@ -210,7 +213,8 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(dest_port)
     cfg = tmp / f"node-{name}.toml"
-    cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero", export_threads))
+    cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero", export_threads,
+                         analysis_threads))
     command = "serve" if mode == "demo" else "receive"
     procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node", command, "--config", str(cfg)],
                                   stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
@@ -343,7 +347,8 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=24)
     ap.add_argument("--senders", type=int, default=6)
     ap.add_argument("--models", default="zero,demo",
-                    help="end-to-end runs besides ingest: zero,demo; 'zero:0' = [worker] export_threads = 0")
+                    help="end-to-end runs besides ingest: zero,demo; 'zero:0' = [worker] export_threads = 0, "
+                         "'demo:1:2' = export_threads 1 and analysis_threads 2")
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dest-delay-ms", type=float, default=0.0,
@@ -374,6 +379,10 @@ def main() -> int:
         if "demo" in by and by["demo"].get("model_s"):
             ratios["node_own_time_vs_model_time_demo"] = round(
                 float(by["demo"]["node_own_s"]) / float(by["demo"]["model_s"]), 3)  # type: ignore[arg-type]
+        for kind in ("zero", "demo"):  # the next study read beside the model vs one study at a time, same run
+            if f"{kind}:1:2" in by and f"{kind}:1:1" in by:
+                ratios[f"{kind}_two_analysis_threads_vs_one_studies_per_hour"] = round(
+                    float(by[f"{kind}:1:2"]["studies_per_hour"]) / float(by[f"{kind}:1:1"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
         for kind in ("zero", "demo"):  # export threads vs results sent before the next analysis, same run
             if kind in by and f"{kind}:0" in by:
                 ratios[f"{kind}_export_threads_vs_inline_studies_per_hour"] = round(

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 from pydicom import uid
@@ -25,8 +26,10 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
     "WARNING_STATUSES",
+    "ReactorCheckpoint",
     "RequestWatch",
     "free_port",
+    "install_reactor_checkpoint",
     "nodelay_handlers",
     "set_nodelay",
     "storage_contexts",
@@ -112,10 +115,62 @@ def set_nodelay(sock: socket.socket | None) -> None:
 
 def _on_conn_open(event: Any) -> None:
     set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
+    install_reactor_checkpoint(event.assoc)
+
+
+class ReactorCheckpoint(threading.Event):
+    """pynetdicom's association reactor pause, made race-free.
+
+    Before each ``send_c_*`` pynetdicom pauses the association's reactor thread (it clears
+    ``_reactor_checkpoint`` and waits for ``_is_paused``) so that the reactor does not take the response off
+    the DIMSE queue.  The handshake has a gap: the reactor sets ``_is_paused = True``, its ``wait()`` returns
+    (the checkpoint is still set from the last request), the sender clears it and reads ``_is_paused`` — still
+    True — and sends; the reactor then sets ``_is_paused = False`` and takes the response itself ("Received
+    unexpected C-STORE service message"), and the sender waits for the DIMSE timeout.  Under CPU load that
+    was 15 of 300 four-object exports to dcmtk's storescp (and the "57 s stall" of benchmarks/load.py).
+
+    This event closes the gap: the reactor's ``wait()`` returns only if the checkpoint is still set once it
+    holds the lock that ``clear()`` takes, and a ``clear()`` that comes while the reactor runs marks it
+    running (``_is_paused = False``) so the sender waits until it is back in ``wait()``.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self._assoc = assoc
+        self._guard = threading.Lock()
+        self._waiting = False
+        self.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:  # (pynetdicom never passes one)
+            return super().wait(timeout)
+        while True:
+            with self._guard:
+                self._waiting = True
+                self._assoc._is_paused = True  # blocked here: what the sender waits for
+            super().wait()
+            with self._guard:
+                self._waiting = False
+                if self.is_set():
+                    return True
+            # cleared between waking and taking the lock: a sender has paused us; wait again
+
+    def clear(self) -> None:
+        with self._guard:
+            super().clear()
+            if not self._waiting:  # the reactor is running: the sender must wait until it is in wait()
+                self._assoc._is_paused = False
+
+
+def install_reactor_checkpoint(assoc: Any) -> None:
+    """Give ``assoc`` a :class:`ReactorCheckpoint` (before its reactor thread starts)."""
+    if isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
+        assoc._reactor_checkpoint = ReactorCheckpoint(assoc)
 
 
 def nodelay_handlers() -> list[Any]:
-    """Event handlers to bind on every association (acceptor and requestor)."""
+    """Event handlers to bind on every association (acceptor and requestor): TCP_NODELAY, and the race-free
+    reactor pause (:class:`ReactorCheckpoint`)."""
     return [(evt.EVT_CONN_OPEN, _on_conn_open)]
 
 
