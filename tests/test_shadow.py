@@ -4,26 +4,22 @@ grades are known; a phantom study over storescu, then the site's label CSV dropp
 from __future__ import annotations
 
 import base64
-import contextlib
 import re
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pydicom
 import pytest
-from conftest import start_storescp, storescu, wait_until
+from conftest import running_node, start_storescp, storescu, wait_until
 
 from dicom_node.config import load_config
 from dicom_node.devtools.phantoms import make_lumbar_mr
 from dicom_node.jobs.model import JobState, ShadowRow
 from dicom_node.log import phi_hash
-from dicom_node.node import ReceivingNode
 from dicom_node.shadow import iso_week, summarise
 from dicom_node.work.pipeline import Pipeline
-from dicom_node.work.worker import Worker
 from inference.findings import (
     FindingType,
     Laterality,
@@ -70,21 +66,6 @@ class ScriptedModel:
     def consult(self, inputs: ModelInput, findings: SpineFindings, history: Sequence[Turn], question: str,
                 on_text: Any, *, max_new_tokens: int) -> ConsultAnswer:
         raise NotImplementedError
-
-
-@contextlib.contextmanager
-def _running(cfg: Any) -> Iterator[ReceivingNode]:
-    node = ReceivingNode(cfg)
-    node.start()
-    worker = Worker(cfg, node.store, pipeline=Pipeline(cfg, model=ScriptedModel()))
-    thread = threading.Thread(target=worker.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield node
-    finally:
-        worker.stop()
-        thread.join(timeout=30)
-        node.stop()
 
 
 def _radiologist_sr(tmp: Path, paths: Sequence[Path]) -> Path:
@@ -140,7 +121,7 @@ def test_shadow_mode_records_agreement_exports_nothing_and_shows_counts(
         shadow={"labels_dir": labels, "poll_s": 0.1},
     )
     try:
-        with _running(cfg) as node:
+        with running_node(cfg, Pipeline(cfg, model=ScriptedModel())) as node:
             study = make_lumbar_mr(tmp_path / "mr", slices=5, size=64, seed=7)
             uid = study.study_instance_uid
             assert storescu(node.receiver.port, list(study.paths)).returncode == 0

@@ -50,6 +50,7 @@ __all__ = [
     "PriorStudy",
     "PriorsError",
     "check_find_arguments",
+    "dicom_date",
     "fetch_prior_reports",
     "find_prior_studies",
     "image_series_body_parts",
@@ -147,7 +148,8 @@ def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
     return tuple(s for s in (str(v).strip().upper() for v in items) if s)
 
 
-def _date(value: str) -> _dt.date | None:
+def dicom_date(value: str) -> _dt.date | None:
+    """A DA value (``YYYYMMDD``, extra characters ignored) as a date; ``None`` when absent or unreadable."""
     try:
         return _dt.datetime.strptime(value.strip()[:8], "%Y%m%d").date()
     except ValueError:
@@ -312,7 +314,7 @@ def select_priors(
         issuer = _text(ident, "IssuerOfPatientID")
         if issuer_of_patient_id and issuer and issuer != issuer_of_patient_id:
             continue
-        day = _date(_text(ident, "StudyDate"))
+        day = dicom_date(_text(ident, "StudyDate"))
         if current_date is not None and (day is None or day > current_date
                                          or (earliest is not None and day < earliest)):
             continue  # a PACS that ignored the range, or an undated study we cannot place
@@ -335,7 +337,7 @@ def select_priors(
             continue
         priors.append(PriorStudy(
             study_instance_uid=study_uid,
-            study_date=_date(_text(ident, "StudyDate")),
+            study_date=dicom_date(_text(ident, "StudyDate")),
             modalities=_values(ident, "ModalitiesInStudy"),
             description=description,
             body_parts=parts,
@@ -451,7 +453,7 @@ def _series_body_parts(assoc: Association, study_uid: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- fetch
-def _is_ours(ds: Dataset) -> bool:
+def is_our_report(ds: Dataset) -> bool:
     """A TID 1500 Comprehensive 3D SR written by the node (series description, else manufacturer)."""
     if str(ds.get("SOPClassUID", "")) != COMPREHENSIVE_3D_SR:
         return False
@@ -490,11 +492,6 @@ def write_report(ds: Dataset, dest_dir: Path) -> tuple[str, str, Path]:
     return sop, _text(ds, "ContentDate") + _text(ds, "ContentTime"), path
 
 
-def is_our_report(ds: Dataset) -> bool:
-    """A TID 1500 Comprehensive 3D SR written by the node (series description, else manufacturer)."""
-    return _is_ours(ds)
-
-
 class _Receiver:
     """The Storage SCP side of our C-GETs: writes our SRs of one study to ``dest_dir`` atomically."""
 
@@ -512,7 +509,7 @@ class _Receiver:
         except (ValueError, AttributeError, TypeError) as exc:
             self.errors.append(f"undecodable object ({type(exc).__name__})")
             return 0xC210
-        if str(ds.get("StudyInstanceUID", "")) != self.study_uid or not _is_ours(ds):
+        if str(ds.get("StudyInstanceUID", "")) != self.study_uid or not is_our_report(ds):
             self.ignored += 1
             return STATUS_SUCCESS
         try:

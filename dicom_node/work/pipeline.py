@@ -11,6 +11,7 @@ same :class:`Pipeline` on files, without network or job store.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -198,13 +199,9 @@ class Pipeline:
             inputs = replace(inputs, clinical_context=" ".join(
                 filter(None, (inputs.clinical_context, comparison_context(prior.report, current_date)))))
         model = self.model
-        if getattr(model, "concurrent", False):
-            t2 = time.perf_counter()
+        with contextlib.nullcontext() if getattr(model, "concurrent", False) else self._model_lock:
+            t2 = time.perf_counter()  # (a wait for another thread's study is not this study's predict time)
             findings = model.analyze(inputs)
-        else:
-            with self._model_lock:
-                t2 = time.perf_counter()  # (a wait for another thread's study is not this study's predict time)
-                findings = model.analyze(inputs)
         t3 = time.perf_counter()
         comparison: Comparison | None = None
         if prior is not None:

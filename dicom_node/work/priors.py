@@ -21,7 +21,13 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import NodeConfig
 from dicom_node.log import get_logger
-from dicom_node.network.priors import PriorsError, fetch_prior_reports, find_prior_studies, study_region
+from dicom_node.network.priors import (
+    PriorsError,
+    dicom_date,
+    fetch_prior_reports,
+    find_prior_studies,
+    study_region,
+)
 from dicom_node.network.priors_web import fetch_prior_reports_web, find_prior_studies_web
 from inference.comparison import PriorReport
 from inference.study import Study
@@ -46,10 +52,7 @@ class PriorLookup:
 
 def study_date(study: Study) -> _dt.date | None:
     """The Study Date of ``study``, or ``None`` when absent or unreadable."""
-    try:
-        return _dt.datetime.strptime(study.study_date.strip()[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
+    return dicom_date(study.study_date)
 
 
 def look_up_prior(config: NodeConfig, study: Study) -> PriorLookup | None:

@@ -132,6 +132,12 @@ def write_dataset_atomic(ds: Dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _thread_owner() -> str:
+    """The lease owner name of the calling thread: ``host:pid:thread`` (:meth:`Worker.reclaim_dead_leases`
+    reads the host and pid back)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -151,7 +157,7 @@ class Worker:
         use_phi_key(config.node.data_dir)  # the digest of identifiers in logs and the audit trail
         self.store = store
         self.pipeline = pipeline or Pipeline(config)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self.owner = _thread_owner()
         self._stop = threading.Event()
         self._export_due = threading.Event()  # wakes the export threads when a study's results are written
         # operations: audit trail of deliveries, heartbeat file read by /health/ready
@@ -251,7 +257,7 @@ class Worker:
         """A further analysis thread (``[worker] analysis_threads`` > 1): studies analysed side by side, for a
         model that takes concurrent requests (a vLLM server batches them); one that does not is used by one
         thread at a time (:meth:`dicom_node.work.pipeline.Pipeline.run`)."""
-        owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        owner = _thread_owner()
         while not self._stop.is_set():
             try:
                 if self.run_once(export_inline=export_inline, owner=owner):
@@ -262,7 +268,7 @@ class Worker:
 
     def _export_loop(self) -> None:
         """One export thread: send the results of studies whose deliveries are due, beside the analyses."""
-        owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        owner = _thread_owner()
         poll = self.config.worker.poll_interval_s
         while not self._stop.is_set():
             try:
