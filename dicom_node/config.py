@@ -385,7 +385,8 @@ class WorkerConfig(_Section):
     analysis_threads: int = Field(
         default=1, ge=1, le=32,
         description="studies analysed side by side: for a model server that batches concurrent requests (openai "
-                    "backend, vLLM); an in-process model is still used by one study at a time",
+                    "backend, vLLM), or an in-process model decoding [model] max_batch studies at once; with "
+                    "max_batch 1 an in-process model is used by one study at a time",
     )
 
 
@@ -476,6 +477,10 @@ class NodeConfig(BaseSettings):
             if source.type not in ("dicom", "dicomweb"):
                 raise ValueError(f"priors.source: {source.name!r} is a {source.type} destination; priors are "
                                  "queried over DICOM (C-FIND, C-GET) or DICOMweb (QIDO-RS, WADO-RS)")
+        if self.model.backend != "openai" and self.model.max_batch > self.worker.analysis_threads:
+            raise ValueError(f"model.max_batch: {self.model.max_batch} studies per batch, but only "
+                             f"worker.analysis_threads = {self.worker.analysis_threads} bring studies to the model "
+                             "at once; set analysis_threads to at least max_batch")
         return self
 
     @property

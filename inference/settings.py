@@ -46,6 +46,11 @@ class ModelSettings(BaseModel):
     max_images: int = Field(default=6, ge=1, le=16)
     image_size: int = Field(default=448, ge=56, le=1344, description="longest side in px, multiple of 28")
     timeout_s: float = Field(default=900.0, gt=0)
+    max_batch: int = Field(
+        default=1, ge=1, le=64,
+        description="transformers/demo: studies decoded together in one generate (each with its own grammar); "
+        "they come from [worker] analysis_threads, so set that at least as high",
+    )
     static_cache: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="static KV cache with a compiled decoding step; auto = on for CUDA "

@@ -9,6 +9,7 @@ stops generation at ``[model].timeout_s``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -17,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -208,79 +209,160 @@ def _make_stopping_base() -> type[Any]:
 
 
 class LLGuidanceLogitsProcessor(_make_logits_processor_base()):  # type: ignore[misc]
-    """Mask the logits to the tokens the llguidance grammar allows next (batch size 1).
+    """Mask each row's logits to the tokens its own llguidance grammar allows next.
 
-    The llguidance bitmask is unpacked with numpy and applied with one ``masked_fill``; llguidance's own
-    ``apply_token_bitmask_inplace`` would ``torch.compile`` a kernel first (≈19 s on CPU).
+    One matcher per row: the rows of a batch are different studies, each with its own schema (evidence
+    is bounded by that study's images).  The bitmasks of all live rows are filled by llguidance in
+    parallel (``fill_next_token_bitmask_par``), unpacked with numpy and applied with one ``masked_fill``;
+    llguidance's own ``apply_token_bitmask_inplace`` would ``torch.compile`` a kernel first (≈19 s on CPU).
+
+    A row that has written an end token is finished (``generate`` pads it from then on).  A row whose
+    grammar fails is *failed*: its reason is kept in :attr:`errors` and only ``stop_token`` is allowed
+    for it, so it ends at once while the other rows go on.
 
     Parameters
     ----------
     ll_tokenizer
         ``llguidance.LLTokenizer`` of the model's tokenizer.
-    grammar
-        llguidance grammar (e.g. from ``LLMatcher.grammar_from_json_schema``).
+    grammars
+        One llguidance grammar per row (e.g. from ``LLMatcher.grammar_from_json_schema``).
     prompt_length
-        Number of prompt tokens: tokens after them are the answer.
-    probe
-        Optional :class:`~inference.grade_probs.SeverityProbe`: sees each step's unconstrained scores and
-        the allowed-token mask, to read the per-grade probabilities.
+        Number of prompt tokens (padded: the same for every row): tokens after them are the answers.
+    end_tokens
+        Token ids after which a row is over: the end-of-sequence ids and the padding id.
+    stop_token
+        An end-of-sequence id that ``generate`` stops a row on: the one a failed row is given.
+    probes
+        Optional :class:`~inference.grade_probs.SeverityProbe` per row: sees each step's unconstrained
+        scores and the allowed-token mask, to read the per-grade probabilities.
+    executor
+        The ``llguidance.LLExecutor`` that fills the rows' masks (default: one with one thread).
+
+    Raises
+    ------
+    ValueError
+        ``grammars`` is empty, ``stop_token`` is not among ``end_tokens``, or ``probes`` has another length.
+    InferenceError
+        llguidance rejected a grammar.
     """
 
-    def __init__(self, ll_tokenizer: Any, grammar: str, *, prompt_length: int,
-                 probe: SeverityProbe | None = None) -> None:
+    def __init__(self, ll_tokenizer: Any, grammars: Sequence[str], *, prompt_length: int,
+                 end_tokens: Collection[int], stop_token: int,
+                 probes: Sequence[SeverityProbe | None] | None = None, executor: Any = None) -> None:
         import llguidance
 
-        self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
-        if self._matcher.is_error():
-            raise InferenceError(f"constrained decoding: grammar rejected: {self._matcher.get_error()}")
+        if not grammars:
+            raise ValueError("grammars: at least one row is needed")
+        if stop_token not in end_tokens:
+            raise ValueError(f"stop_token: {stop_token} is not among end_tokens")
+        if probes is not None and len(probes) != len(grammars):
+            raise ValueError(f"probes: {len(probes)} given for {len(grammars)} rows")
+        self._matchers = [llguidance.LLMatcher(ll_tokenizer, g, log_level=0) for g in grammars]
+        for i, m in enumerate(self._matchers):
+            if m.is_error():
+                raise InferenceError(f"constrained decoding: grammar of row {i} rejected: {m.get_error()}")
+        self._executor = executor if executor is not None else llguidance.LLExecutor(1)
+        self._vocab = int(ll_tokenizer.vocab_size)
         self._prompt_length = prompt_length
-        self._consumed = 0
-        self._allowed: torch.Tensor | None = None
-        self._probe = probe
+        self._end = frozenset(int(t) for t in end_tokens)
+        self._stop_token = int(stop_token)
+        self._consumed = [0] * len(grammars)
+        self._finished = [False] * len(grammars)
+        #: per row: why its decoding failed (``None``: it did not)
+        self.errors: list[str | None] = [None] * len(grammars)
+        self._probes = list(probes) if probes is not None else [None] * len(grammars)
 
-    @property
-    def accepting(self) -> bool:
-        """Whether the tokens so far form a complete answer."""
-        return bool(self._matcher.is_accepting())
+    def accepting(self, row: int = 0) -> bool:
+        """Whether the tokens of ``row`` so far form a complete answer."""
+        return self.errors[row] is None and bool(self._matchers[row].is_accepting())
+
+    def _advance(self, row: int, tokens: list[int]) -> list[int]:
+        """Feed a row's new tokens to its matcher; returns the answer tokens among them."""
+        self._consumed[row] += len(tokens)
+        answer: list[int] = []
+        for token in tokens:
+            if token in self._end:  # the row ended: what generate appends from now on is padding
+                self._finished[row] = True
+                break
+            if not self._matchers[row].consume_token(token):
+                self.errors[row] = f"constrained decoding failed: {self._matchers[row].get_error()}"
+                break
+            answer.append(token)
+        return answer
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        import llguidance.numpy
         import torch
 
-        if input_ids.shape[0] != 1:
-            raise InferenceError("constrained decoding: batch size must be 1 (one study per request)")
-        new = input_ids[0, self._prompt_length + self._consumed :].tolist()
-        for token in new:
-            self._matcher.consume_token(int(token))
-        self._consumed += len(new)
-        if self._matcher.is_error():
-            raise InvalidModelOutputError(f"constrained decoding failed: {self._matcher.get_error()}")
-        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        rows = input_ids.shape[0]
+        if rows != len(self._matchers):
+            raise InferenceError(f"constrained decoding: {rows} rows for {len(self._matchers)} grammars")
+        live: list[tuple[int, list[int]]] = []
+        for row in range(rows):
+            if self._finished[row] or self.errors[row] is not None:
+                continue
+            new = input_ids[row, self._prompt_length + self._consumed[row]:].tolist()
+            answer = self._advance(row, [int(t) for t in new])
+            if not self._finished[row] and self.errors[row] is None:
+                live.append((row, answer))
         vocab = scores.shape[-1]
-        if self._probe is not None:
-            self._probe.step(new, self._consumed, scores[0], bits[:vocab].astype(bool))
-        if self._allowed is None or self._allowed.shape[0] != vocab:
-            self._allowed = torch.zeros(vocab, dtype=torch.bool)
-        n = min(vocab, bits.shape[0])
-        self._allowed.zero_()
-        self._allowed[:n] = torch.from_numpy(bits[:n].astype(bool))
-        if not bool(self._allowed.any()):
-            raise InvalidModelOutputError("constrained decoding: the grammar allows no next token")
-        allowed = self._allowed.to(scores.device)
-        return scores.masked_fill(~allowed, float("-inf"))  # type: ignore[return-value]
+        allowed = np.zeros((rows, vocab), dtype=bool)
+        if live:
+            bitmask = llguidance.numpy.allocate_token_bitmask(len(live), self._vocab)
+            llguidance.numpy.fill_next_token_bitmask_par(
+                self._executor, [(self._matchers[row], i) for i, (row, _) in enumerate(live)], bitmask)
+            bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").astype(bool)
+            n = min(vocab, bits.shape[1])
+            for i, (row, answer) in enumerate(live):
+                if self._matchers[row].is_error():
+                    self.errors[row] = f"constrained decoding failed: {self._matchers[row].get_error()}"
+                    continue
+                if not bits[i, :n].any():
+                    self.errors[row] = "constrained decoding: the grammar allows no next token"
+                    continue
+                allowed[row, :n] = bits[i, :n]
+                probe = self._probes[row]
+                if probe is not None:
+                    probe.step(answer, self._consumed[row], scores[row], bits[i, :n])
+        for row in range(rows):
+            if self._finished[row] or self.errors[row] is not None:
+                # finished: generate overwrites its token with padding anyway; failed: end it now
+                allowed[row, :] = False
+                allowed[row, self._stop_token if self._stop_token < vocab else 0] = True
+        mask = torch.from_numpy(allowed).to(scores.device)
+        return scores.masked_fill(~mask, float("-inf"))  # type: ignore[return-value]
 
 
 class DeadlineCriteria(_make_stopping_base()):  # type: ignore[misc]
-    """Stop generation once a wall-clock deadline (``time.monotonic()``) has passed."""
+    """Stop each row of a generation once its wall-clock deadline (``time.monotonic()``) has passed.
 
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.expired = False
+    Parameters
+    ----------
+    deadlines
+        One deadline per row (a single float: every row).
+    """
+
+    def __init__(self, deadlines: float | Sequence[float]) -> None:
+        self.deadlines = [float(deadlines)] if isinstance(deadlines, (int, float)) else [float(d) for d in deadlines]
+        #: per row: whether its deadline passed while it was being generated
+        self.expired_rows = [False] * len(self.deadlines)
+
+    @property
+    def expired(self) -> bool:
+        """Whether any row's deadline has passed."""
+        return any(self.expired_rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         import torch
 
-        self.expired = self.expired or time.monotonic() > self.deadline
-        return torch.full((input_ids.shape[0],), self.expired, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+        now = time.monotonic()
+        rows = input_ids.shape[0]
+        if len(self.deadlines) == 1 and rows > 1:
+            self.deadlines *= rows
+            self.expired_rows *= rows
+        for row in range(rows):
+            self.expired_rows[row] = self.expired_rows[row] or now > self.deadlines[row]
+        return torch.tensor(self.expired_rows, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 def _make_streamer_base() -> type[Any]:
@@ -342,6 +424,49 @@ def quiet_transformers(hf: Any) -> None:
     hf.utils.logging.disable_progress_bar()
 
 
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """One study waiting for the model."""
+
+    inputs: ModelInput
+    seed: int
+    #: ``time.monotonic()`` by which the answer must be complete (``[model] timeout_s`` from the call)
+    deadline: float
+    outcome: _Answer | BaseException | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    """One row's decoded answer."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    grade_probabilities: tuple[GradeProbabilities, ...]
+
+
+def _collate(encoded: Sequence[Mapping[str, Any]], *, pad_token: int) -> tuple[dict[str, Any], list[int]]:
+    """The processor outputs of single requests as one batch: token-aligned tensors (``input_ids``,
+    ``attention_mask``, ``mm_token_type_ids``, …) left-padded to the longest prompt, the rest (pixel
+    patches, image grids) concatenated in row order, as the processor does for several texts.
+
+    Returns the batch and each row's own prompt length.
+    """
+    import torch
+
+    lengths = [int(e["input_ids"].shape[1]) for e in encoded]
+    longest = max(lengths)
+    out: dict[str, Any] = {}
+    for key in encoded[0]:
+        values = [e[key] for e in encoded]
+        if all(v.ndim == 2 and v.shape[0] == 1 and v.shape[1] == n for v, n in zip(values, lengths, strict=True)):
+            fill = pad_token if key == "input_ids" else 0
+            out[key] = torch.cat([torch.nn.functional.pad(v, (longest - v.shape[1], 0), value=fill) for v in values])
+        else:
+            out[key] = torch.cat(values)
+    return out, lengths
+
+
 class TransformersBackend:
     """A Qwen2.5-VL-class model loaded in this process (implements :class:`~inference.inputs.SpineModel`).
 
@@ -393,8 +518,15 @@ class TransformersBackend:
         self.static_cache = settings.static_cache == "on" or (
             settings.static_cache == "auto" and self.device.type == "cuda"
         )
+        # the model is used by one generate at a time (a batch, or a consultation turn)
         self._lock = threading.Lock()
+        #: studies decoded together at most (``[model] max_batch``)
+        self.max_batch = settings.max_batch
+        self._queue: list[_Request] = []
+        self._queue_changed = threading.Condition()
+        self._decoding = False
         try:
+            import llguidance
             import llguidance.hf
             import torch
 
@@ -412,6 +544,8 @@ class TransformersBackend:
             self.model.eval()
             tokenizer = self.processor.tokenizer
             self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+            # fills the grammar masks of a batch's rows in parallel (llguidance's own Rust threads)
+            self._executor = llguidance.LLExecutor(min(self.max_batch, os.cpu_count() or 1))
         except (OSError, ValueError, ImportError, KeyError, RuntimeError, TypeError) as exc:
             raise BackendUnavailableError(f"model: cannot load {self.model_dir}: {type(exc).__name__}: {exc}") from exc
         torch.set_grad_enabled(False)
@@ -419,6 +553,7 @@ class TransformersBackend:
         self._patch_size = int(getattr(self.processor.image_processor, "patch_size", None) or PATCH_SIZE)
         config = self.model.config
         self._eos_ids = self._eos_token_ids()
+        self._stop_id, self._pad_id = self._stop_and_pad_ids()
         is_demo = demo or bool(getattr(config, "spinemed_demo", None))
         digest = weights_digest(self.model_dir, cache_dir=cache_dir)
         self._identity = ModelIdentity(
@@ -474,12 +609,30 @@ class TransformersBackend:
             ids.add(int(tok_eos))
         return {int(i) for i in ids}
 
+    def _stop_and_pad_ids(self) -> tuple[int, int]:
+        """The end-of-sequence id that ``generate`` stops a row on, and the id that pads rows."""
+        eos = self.model.generation_config.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        stop = int(eos_list[0]) if eos_list else min(self._eos_ids) if self._eos_ids else None
+        if stop is None:
+            raise BackendUnavailableError(f"model: {self.model_dir} declares no end-of-sequence token")
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.processor.tokenizer.pad_token_id
+        return stop, int(pad) if pad is not None else stop
+
     @property
     def identity(self) -> ModelIdentity:
         """Who answers: name, revision, weights digest, backend, prompt version, demo flag."""
         return self._identity
 
     # -- inference ------------------------------------------------------------------------------
+    @property
+    def concurrent(self) -> bool:
+        """Whether the pipeline may call :meth:`analyze` from several threads at once: with
+        ``[model] max_batch`` > 1 the calls that arrive together are decoded as one batch."""
+        return self.max_batch > 1
+
     def schema(self, inputs: ModelInput) -> dict[str, Any]:
         """The answer schema of one request (evidence bounded by its images, this backend's limits)."""
         return answer_schema(image_sizes=[(i.ref.columns, i.ref.rows) for i in inputs.images], limits=self.limits)
@@ -503,31 +656,104 @@ class TransformersBackend:
         InferenceError
             The model raised.
         """
+        answer = self._answer(inputs, seed)
+        self.last_prompt_tokens, self.last_generated_tokens = answer.prompt_tokens, answer.generated_tokens
+        self.last_grade_probabilities = answer.grade_probabilities
+        return answer.text
+
+    def _answer(self, inputs: ModelInput, seed: int | None) -> _Answer:
+        """Queue one request and wait for its answer.
+
+        The first waiting thread that finds the model free decodes the queue's oldest requests (up to
+        ``max_batch`` of one seed) as one batch and hands every row its outcome; the others wait.  So a
+        batch forms from the studies that arrive while the model is busy, and a lone study is not held
+        back waiting for company.
+        """
+        request = _Request(inputs, self.settings.seed if seed is None else seed,
+                           time.monotonic() + self.settings.timeout_s)
+        with self._queue_changed:
+            self._queue.append(request)
+            while True:
+                while request.outcome is None and self._decoding:
+                    self._queue_changed.wait()
+                if request.outcome is not None:
+                    break
+                batch = [r for r in self._queue if r.seed == self._queue[0].seed][: self.max_batch]
+                for r in batch:
+                    self._queue.remove(r)
+                self._decoding = True
+                self._queue_changed.release()
+                outcomes: list[_Answer | BaseException]
+                try:
+                    outcomes = list(self._decode_batch(batch))
+                except BaseException as exc:  # a bug or an interrupt: no waiting row is left hanging
+                    outcomes = [InferenceError(f"model: batch abandoned: {type(exc).__name__}") for _ in batch]
+                    outcomes[batch.index(request)] = exc
+                finally:
+                    self._queue_changed.acquire()
+                    self._decoding = False
+                for r, outcome in zip(batch, outcomes, strict=True):
+                    r.outcome = outcome
+                self._queue_changed.notify_all()
+        if isinstance(request.outcome, BaseException):
+            raise request.outcome
+        return request.outcome
+
+    def _encode(self, request: _Request) -> dict[str, Any]:
+        """One request through the chat template and the processor (on the CPU)."""
+        messages = _to_processor_messages(build_messages(request.inputs))
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = [to_pil(img) for img in request.inputs.images]
+        try:
+            encoded = self.processor(text=[text], images=images, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise InferenceError(f"model processor rejected the images: {exc}") from exc
+        check_unchanged([(img.ref.rows, img.ref.columns) for img in request.inputs.images],
+                        encoded["image_grid_thw"].tolist(), self._patch_size)
+        return dict(encoded)
+
+    def _decode_batch(self, batch: Sequence[_Request]) -> list[_Answer | InferenceError]:
+        """Decode the requests of one batch together; each row's failure is that row's alone.
+
+        Rows are left-padded to one prompt length; each row is constrained by its own grammar and
+        stopped by its own deadline.  A failure of the whole ``generate`` (out of memory, a model error)
+        is every row's outcome.
+        """
         import llguidance
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         s = self.settings
-        deadline = time.monotonic() + s.timeout_s
-        messages = _to_processor_messages(build_messages(inputs))
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [to_pil(img) for img in inputs.images]
-        try:
-            encoded = self.processor(text=[text], images=images, return_tensors="pt")
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise InferenceError(f"model processor rejected the images: {exc}") from exc
-        check_unchanged([(img.ref.rows, img.ref.columns) for img in inputs.images],
-                        encoded["image_grid_thw"].tolist(), self._patch_size)
-        encoded = encoded.to(self.device)
-        prompt_length = int(encoded["input_ids"].shape[1])
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            self.schema(inputs), defaults={"whitespace_flexible": False}
-        )
-        probe = SeverityProbe(self.processor.tokenizer)
-        self.last_grade_probabilities = ()
-        guide = LLGuidanceLogitsProcessor(self._ll_tokenizer, grammar, prompt_length=prompt_length, probe=probe)
-        stop = DeadlineCriteria(deadline)
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.temperature > 0}
+        outcomes: list[_Answer | InferenceError | None] = [None] * len(batch)
+        rows: list[int] = []
+        encoded: list[dict[str, Any]] = []
+        grammars: list[str] = []
+        now = time.monotonic()
+        for i, request in enumerate(batch):
+            if now > request.deadline:
+                outcomes[i] = InferenceTimeoutError(
+                    f"model: no answer within {s.timeout_s:g} s (timed out before decoding)")
+                continue
+            try:
+                encoded.append(self._encode(request))
+            except InferenceError as exc:
+                outcomes[i] = exc
+                continue
+            grammars.append(llguidance.LLMatcher.grammar_from_json_schema(
+                self.schema(request.inputs), defaults={"whitespace_flexible": False}))
+            rows.append(i)
+        if not rows:
+            return [o for o in outcomes if o is not None]
+        inputs, prompt_lengths = _collate(encoded, pad_token=self._pad_id)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        prompt_length = int(inputs["input_ids"].shape[1])
+        probes = [SeverityProbe(self.processor.tokenizer) for _ in rows]
+        guide = LLGuidanceLogitsProcessor(self._ll_tokenizer, grammars, prompt_length=prompt_length,
+                                          end_tokens=self._eos_ids | {self._pad_id}, stop_token=self._stop_id,
+                                          probes=probes, executor=self._executor)
+        stop = DeadlineCriteria([batch[i].deadline for i in rows])
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.temperature > 0,
+                                      "pad_token_id": self._pad_id}
         if s.temperature > 0:
             gen_kwargs.update(temperature=s.temperature, top_p=1.0, top_k=0)
         else:
@@ -539,47 +765,60 @@ class TransformersBackend:
             if prompt_length + s.max_new_tokens <= s.max_cache_len:
                 gen_kwargs["max_cache_len"] = s.max_cache_len
         with self._lock:
-            if time.monotonic() > deadline:
-                raise InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s (timed out before decoding)")
-            torch.manual_seed(s.seed if seed is None else seed)
+            torch.manual_seed(batch[rows[0]].seed)
             threads = torch.get_num_threads()
             if self.num_threads:
                 torch.set_num_threads(self.num_threads)
             try:
                 out = self.model.generate(
-                    **encoded,
+                    **inputs,
                     logits_processor=LogitsProcessorList([guide]),
                     stopping_criteria=StoppingCriteriaList([stop]),
                     **gen_kwargs,
                 )
-            except InferenceError:
-                raise
-            except torch.OutOfMemoryError as exc:  # another job on the GPU, a large study: wait, try again
-                del encoded
+            except InferenceError as exc:
+                return [o if o is not None else exc for o in outcomes]
+            except torch.OutOfMemoryError as exc:  # another job on the GPU, a large batch: wait, try again
+                del inputs
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                raise BackendUnavailableError(f"model: out of {self.device.type.upper()} memory "
-                                              "(the study waits and is tried again)") from exc
+                error: InferenceError = BackendUnavailableError(
+                    f"model: out of {self.device.type.upper()} memory (the study waits and is tried again)")
+                error.__cause__ = exc
+                return [o if o is not None else error for o in outcomes]
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-                raise InferenceError(f"model: generation failed: {type(exc).__name__}: {exc}") from exc
+                error = InferenceError(f"model: generation failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                return [o if o is not None else error for o in outcomes]
             finally:
                 torch.set_num_threads(threads)
-        tokens = out[0, prompt_length:].tolist()
-        self.last_prompt_tokens, self.last_generated_tokens = int(prompt_length), len(tokens)
-        if stop.expired:
-            raise InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s ({len(tokens)} tokens generated)")
-        finished = bool(tokens) and tokens[-1] in self._eos_ids
-        answer_tokens = tokens[:-1] if finished else tokens
-        answer = self.processor.tokenizer.decode(answer_tokens, skip_special_tokens=False)
-        if not (finished and guide.accepting):
-            raise InvalidModelOutputError(
-                f"model output incomplete after {len(tokens)} tokens (max_new_tokens={s.max_new_tokens})"
-            )
-        self.last_grade_probabilities = probe.grade_probabilities(str(answer), answer_tokens)
-        return str(answer)
+        for k, i in enumerate(rows):
+            outcomes[i] = self._row_outcome(out[k, prompt_length:].tolist(), k, guide, stop, probes[k],
+                                            prompt_lengths[k])
+        return [o for o in outcomes if o is not None]
+
+    def _row_outcome(self, tokens: list[int], row: int, guide: LLGuidanceLogitsProcessor, stop: DeadlineCriteria,
+                     probe: SeverityProbe, prompt_tokens: int) -> _Answer | InferenceError:
+        s = self.settings
+        end = next((j for j, t in enumerate(tokens) if t in self._eos_ids or t == self._pad_id), None)
+        answer_tokens = tokens[:end] if end is not None else tokens
+        generated = len(answer_tokens) + (1 if end is not None else 0)
+        if stop.expired_rows[row]:
+            return InferenceTimeoutError(f"model: no answer within {s.timeout_s:g} s ({generated} tokens generated)")
+        if guide.errors[row] is not None:
+            return InvalidModelOutputError(str(guide.errors[row]))
+        if end is None or tokens[end] not in self._eos_ids or not guide.accepting(row):
+            return InvalidModelOutputError(
+                f"model output incomplete after {generated} tokens (max_new_tokens={s.max_new_tokens})")
+        text = str(self.processor.tokenizer.decode(answer_tokens, skip_special_tokens=False))
+        return _Answer(text=text, prompt_tokens=prompt_tokens, generated_tokens=generated,
+                       grade_probabilities=probe.grade_probabilities(text, answer_tokens))
 
     def analyze(self, inputs: ModelInput) -> SpineFindings:
         """Run the model on one study and return validated findings.
+
+        Safe to call from several threads: with ``[model] max_batch`` > 1 the studies that wait together
+        are decoded as one batch (:meth:`_answer`).
 
         Raises
         ------
@@ -588,10 +827,10 @@ class TransformersBackend:
             (:class:`InvalidModelOutputError`) or a model failure.
         """
         started = time.monotonic()
-        text = self.generate_text(inputs)
-        findings = to_findings(parse_answer(text), inputs, self._identity)
-        if self.last_grade_probabilities:
-            findings = findings.model_copy(update={"grade_probabilities": self.last_grade_probabilities})
+        answer = self._answer(inputs, None)
+        findings = to_findings(parse_answer(answer.text), inputs, self._identity)
+        if answer.grade_probabilities:
+            findings = findings.model_copy(update={"grade_probabilities": answer.grade_probabilities})
         _log.info(
             "study analysed: %d images, %d level findings, %.2f s",
             len(inputs.images),
