@@ -157,10 +157,11 @@ def send_all(port: int, studies: list[Study], senders: int, seed: int) -> SendLo
 
 # --------------------------------------------------------------------------------------------- the node
 def _toml(data: Path, port: int, dest_port: int | None, model: str, export_threads: int | None = None,
-          analysis_threads: int | None = None) -> str:
+          analysis_threads: int | None = None, max_batch: int | None = None) -> str:
     dest = (f'[[destinations]]\nname = "pacs"\nae_title = "SPINEMED"\nhost = "127.0.0.1"\nport = {dest_port}\n'
             if dest_port else "")
     model_t = (f'[model]\nbackend = "demo"\npath = "{os.environ.get("SPINEMED_DEMO_MODEL", REPO / ".models/demo")}"\n'
+               + (f"max_batch = {max_batch}\n" if max_batch is not None else "")
                if model == "demo" else "")
     return (f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n'
             f"max_associations = 64\n[http]\nenabled = false\n"
@@ -188,12 +189,14 @@ def _sample_queue(db: Path, stop: threading.Event, samples: list[tuple[float, di
 def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int,
             dest_delay_ms: float = 0.0) -> dict[str, object]:
     """One end-to-end run; ``label`` is ``ingest``, ``zero`` or ``demo``, with ``:E`` for ``[worker]
-    export_threads = E`` and ``:E:A`` for ``analysis_threads = A`` too (else the defaults)."""
+    export_threads = E``, ``:E:A`` for ``analysis_threads = A`` too and ``:E:A:B`` for ``[model] max_batch =
+    B`` (else the defaults)."""
     from dicom_node.jobs.sqlite import SQLiteJobStore
 
     mode, *threads = label.split(":")
     export_threads = int(threads[0]) if threads and threads[0] else None
     analysis_threads = int(threads[1]) if len(threads) > 1 else None
+    max_batch = int(threads[2]) if len(threads) > 2 else None
     name = label.replace(":", "-x")  # (a folder name)
     data = tmp / f"node-{name}"
     port = free_port()
@@ -214,7 +217,7 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
         wait_port(dest_port)
     cfg = tmp / f"node-{name}.toml"
     cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero", export_threads,
-                         analysis_threads))
+                         analysis_threads, max_batch))
     command = "serve" if mode == "demo" else "receive"
     procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node", command, "--config", str(cfg)],
                                   stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
@@ -348,7 +351,8 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=6)
     ap.add_argument("--models", default="zero,demo",
                     help="end-to-end runs besides ingest: zero,demo; 'zero:0' = [worker] export_threads = 0, "
-                         "'demo:1:2' = export_threads 1 and analysis_threads 2")
+                         "'demo:1:2' = export_threads 1 and analysis_threads 2, 'demo:1:4:4' = and [model] "
+                         "max_batch 4")
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dest-delay-ms", type=float, default=0.0,
@@ -383,6 +387,11 @@ def main() -> int:
             if f"{kind}:1:2" in by and f"{kind}:1:1" in by:
                 ratios[f"{kind}_two_analysis_threads_vs_one_studies_per_hour"] = round(
                     float(by[f"{kind}:1:2"]["studies_per_hour"]) / float(by[f"{kind}:1:1"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
+        for label in by:  # batched decoding: [model] max_batch B (B analysis threads) vs one study at a time
+            parts = label.split(":")
+            if parts[0] == "demo" and len(parts) == 4 and "demo:1:1" in by:
+                ratios[f"demo_batch_{parts[3]}_vs_batch_1_studies_per_hour"] = round(
+                    float(by[label]["studies_per_hour"]) / float(by["demo:1:1"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
         for kind in ("zero", "demo"):  # export threads vs results sent before the next analysis, same run
             if kind in by and f"{kind}:0" in by:
                 ratios[f"{kind}_export_threads_vs_inline_studies_per_hour"] = round(

@@ -51,6 +51,10 @@ class ModelSettings(BaseModel):
         description="transformers/demo: studies decoded together in one generate (each with its own grammar); "
         "they come from [worker] analysis_threads, so set that at least as high",
     )
+    batch_wait_ms: float = Field(
+        default=100.0, ge=0, le=10_000,
+        description="with max_batch > 1: how long the model, when free, waits for a fuller batch before decoding",
+    )
     static_cache: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="static KV cache with a compiled decoding step; auto = on for CUDA "

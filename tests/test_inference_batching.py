@@ -164,6 +164,29 @@ def test_analyze_in_a_batch_keeps_each_studys_findings_and_grade_probabilities(
         assert got.study_instance_uid == studies[i].study_instance_uid  # type: ignore[attr-defined]
 
 
+def test_the_free_model_waits_briefly_for_a_fuller_batch(
+    backend: DemoBackend, studies: list[ModelInput], alone: list[str], batch_sizes: list[int],
+    monkeypatch: pytest.MonkeyPatch, held: Held
+) -> None:
+    """A study that finds the model free waits up to batch_wait_ms for company: one arriving 0.2 s later
+    is decoded in the same generate; with no wait, each goes alone."""
+    for wait_ms, expected in ((5000.0, [2]), (0.0, [1, 1])):
+        batch_sizes.clear()
+        monkeypatch.setattr(backend, "settings", backend.settings.model_copy(update={"batch_wait_ms": wait_ms}))
+        held.call(0, lambda: backend.generate_text(studies[0]))
+        if wait_ms:
+            wait_until(lambda: len(backend._queue) == 1 and backend._decoding, 30, "the first study gathering")
+        else:
+            wait_until(lambda: 0 in held.results, 60, "the first study answered")
+        time.sleep(0.2)
+        held.call(1, lambda: backend.generate_text(studies[1]))
+        for t in held.threads:
+            t.join(timeout=120)
+        held.threads.clear()
+        assert batch_sizes == expected, wait_ms
+        assert [held.results.pop(0), held.results.pop(1)] == alone[:2]
+
+
 def test_a_row_past_its_deadline_fails_alone(backend: DemoBackend, studies: list[ModelInput],
                                             alone: list[str]) -> None:
     """Each row keeps its own deadline: one that had already passed is refused before decoding, one
@@ -232,7 +255,7 @@ def test_the_grammar_of_each_row_is_its_own(backend: DemoBackend) -> None:
     def step(rows: list[list[int]]) -> torch.Tensor:
         ids: Any = torch.tensor(rows)
         zeros: Any = torch.zeros((len(rows), vocab))
-        return guide(ids, zeros)  # type: ignore[no-any-return]
+        return guide(ids, zeros)
 
     first = step([prompt, prompt, prompt])
     assert all(bool(torch.isfinite(first[r]).any()) for r in range(3))
@@ -280,7 +303,7 @@ def test_a_node_with_analysis_threads_batches_the_studies_waiting_for_the_model(
         http={"enabled": False},
         completeness={"quiet_seconds": 0.3, "force_seconds": 60, "check_interval_s": 0.1},
         worker={"poll_interval_s": 0.05, "analysis_threads": 3, "export_threads": 0},
-        model={"backend": "demo", "path": str(demo_model_dir), "max_batch": 2},
+        model={"backend": "demo", "path": str(demo_model_dir), "max_batch": 2, "batch_wait_ms": 0},
     )
     pipeline = Pipeline(cfg)
     model = pipeline.model

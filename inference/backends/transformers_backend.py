@@ -664,24 +664,29 @@ class TransformersBackend:
     def _answer(self, inputs: ModelInput, seed: int | None) -> _Answer:
         """Queue one request and wait for its answer.
 
-        The first waiting thread that finds the model free decodes the queue's oldest requests (up to
-        ``max_batch`` of one seed) as one batch and hands every row its outcome; the others wait.  So a
-        batch forms from the studies that arrive while the model is busy, and a lone study is not held
-        back waiting for company.
+        The first waiting thread that finds the model free leads: it waits up to ``[model] batch_wait_ms``
+        for the queue to hold ``max_batch`` requests (the studies other analysis threads are still
+        preparing; the threads of the batch just answered come back at once), then decodes the oldest
+        requests (up to ``max_batch`` of one seed) as one batch and hands every row its outcome; the
+        others wait.  Studies that arrive while the model is busy form the next batch.
         """
         request = _Request(inputs, self.settings.seed if seed is None else seed,
                            time.monotonic() + self.settings.timeout_s)
         with self._queue_changed:
             self._queue.append(request)
+            self._queue_changed.notify_all()  # a leader gathering its batch sees one more
             while True:
                 while request.outcome is None and self._decoding:
                     self._queue_changed.wait()
                 if request.outcome is not None:
                     break
+                self._decoding = True  # this thread leads; the others wait for their outcome
+                if self.max_batch > 1 and len(self._queue) < self.max_batch:
+                    self._queue_changed.wait_for(lambda: len(self._queue) >= self.max_batch,
+                                                 timeout=self.settings.batch_wait_ms / 1000)
                 batch = [r for r in self._queue if r.seed == self._queue[0].seed][: self.max_batch]
                 for r in batch:
                     self._queue.remove(r)
-                self._decoding = True
                 self._queue_changed.release()
                 outcomes: list[_Answer | BaseException]
                 try:
