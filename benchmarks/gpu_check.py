@@ -13,6 +13,30 @@ where it can.  Run from the repository root::
 
     PYTHONPATH=. python benchmarks/gpu_check.py            # the real check (CUDA)
     PYTHONPATH=. python benchmarks/gpu_check.py --smoke    # tiny config on CPU, seconds
+    bash benchmarks/gpu_check.sh --batch 1,2,4,8            # batch mode (CUDA), under 8 minutes
+    bash benchmarks/gpu_check.sh --smoke --batch 1,2,4     # batch mode, tiny config on CPU
+
+Batch mode (``--batch 1,2,4,8``, :func:`run_batches`): the model is built once, then for each batch size
+``b`` the first ``b`` of eight different studies (3, 2 or 1 images of 448² each, notes of different
+lengths: 372-904 prompt tokens here) are left-padded into one batch (attention mask 0 on the pads, as the
+node's transformers backend collates them) and decoded greedily, exactly 400 tokens per row (no EOS
+stop), from a static KV cache (``max_cache_len`` 4096) with the compiled decoding step.  Per size: seconds
+per batch, studies/hour, decode tokens/s summed over the rows, peak GPU memory, the compilation paid by
+the first run of that shape, and studies/hour relative to batch 1 of the same process; a table, and JSON
+with ``--json-out`` (rewritten after every size, so a run cut short keeps what it measured).  Each row
+is also compared with its study decoded alone: all tokens and required equal with ``--smoke`` (fp32
+CPU), the first 32 tokens and reported only on CUDA (bf16 sums round differently with the batch shape).
+Sizes whose projected cost would end past ``--budget-s`` (420 s from the start; gpu_check.sh kills at
+470 s) are reported as ``skipped: budget`` instead of being killed.
+
+Time estimate for ``--batch 1,2,4,8`` on one H200 (measured there before: model build + random init
+well under a minute; ≈ 48 s to compile the static step at batch 1; 120 decoded tok/s at batch 1):
+≈ 60 s build; batch 1: 48 s compile + 2 × 3.5 s decoding; batch 2: one more compilation (transformers
+5.2x compiles with ``dynamic=None``, so the second shape makes the batch dimension dynamic; ≤ 48 s);
+batches 4 and 8 reuse that graph (CUDA-graph capture only, seconds) but the static-cache attention
+reads ``b × 4096`` positions and copies the grouped KV heads per step, so 400 tokens take maybe
+5-12 s per run; plus 8 × ≈ 0.5 s solo references.  About 4 minutes expected, ≈ 5.5 minutes if every
+size recompiles for 48 s: within the 420 s budget.
 
 Timing numbers are for the architecture, not for SpineGPT's answers (random weights).
 """
@@ -26,6 +50,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +60,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import torch
 
-__all__ = ["main"]
+__all__ = ["main", "run", "run_batches"]
+
+_T0 = time.perf_counter()  # the --budget-s clock starts here (torch imported, transformers not yet)
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -146,21 +173,23 @@ def _tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def _images(n: int, size: int) -> list[Any]:
+def _images(n: int, size: int, seed: int = 0) -> list[Any]:
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
     out = []
     for k in range(n):
-        base = 127 + 60 * np.sin(xx / (7 + k)) * np.cos(yy / 11)
+        base = 127 + 60 * np.sin(xx / (7 + k) + seed) * np.cos(yy / (11 + seed % 5))
         img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
         out.append(Image.fromarray(img).convert("RGB"))
     return out
 
 
-def _inputs(tokenizer: Any, images: list[Any]) -> tuple[dict[str, torch.Tensor], str]:
+def _inputs(tokenizer: Any, images: list[Any], note: str = "") -> tuple[dict[str, torch.Tensor], str]:
     """Pixel values from the Qwen2-VL image processor and the prompt with each image's visual tokens.
+
+    ``note`` is put before the question (batch mode: prompts of different lengths).
 
     Uses ``Qwen2_5_VLProcessor`` when this transformers version can build it from parts; else expands
     the image tokens by hand exactly as the processor does (``grid_t * grid_h * grid_w / merge²``).
@@ -170,7 +199,7 @@ def _inputs(tokenizer: Any, images: list[Any]) -> tuple[dict[str, torch.Tensor],
     image_processor = Qwen2VLImageProcessor()
     prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     prompt += "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in images)
-    prompt += "Report the findings per vertebral level as JSON.<|im_end|>\n<|im_start|>assistant\n"
+    prompt += note + "Report the findings per vertebral level as JSON.<|im_end|>\n<|im_start|>assistant\n"
     try:
         from transformers import Qwen2_5_VLProcessor
 
@@ -381,18 +410,312 @@ def run(smoke: bool, new_tokens: int, n_images: int, image_size: int, static: bo
     return result
 
 
+#: One static KV-cache ceiling for every batch size and prompt length (as the node's backend does).
+MAX_CACHE_LEN = 4096
+
+
+def _collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Single-study encodings as one batch, as the node's transformers backend collates them.
+
+    Token-aligned tensors (``input_ids``, ``attention_mask``) are left-padded to the longest prompt
+    (``pad_id`` / mask 0 on the pads); pixel patches and image grids are concatenated in row order.
+    """
+    lengths = [int(e["input_ids"].shape[1]) for e in encoded]
+    longest = max(lengths)
+    out: dict[str, torch.Tensor] = {}
+    for key in encoded[0]:
+        values = [e[key] for e in encoded]
+        if all(v.ndim == 2 and v.shape[0] == 1 and v.shape[1] == n for v, n in zip(values, lengths, strict=True)):
+            fill = pad_id if key == "input_ids" else 0
+            out[key] = torch.cat([torch.nn.functional.pad(v, (longest - v.shape[1], 0), value=fill) for v in values])
+        else:
+            out[key] = torch.cat(values)
+    return out
+
+
+def _study(tokenizer: Any, k: int, n_images: int, image_size: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Study ``k`` of a batch: its own images (seed ``k``), ``n_images``, ``n_images - 1`` or
+    ``n_images - 2`` of them (at least 1) and a note of its own, so prompts differ in length."""
+    count = max(1, n_images - k % min(3, n_images))
+    enc, _ = _inputs(tokenizer, _images(count, image_size, seed=k), note=f"Study {k}. " + "Urgent. " * (k % 4))
+    return enc, count
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"batch: expected comma-separated batch sizes such as 1,2,4,8, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"batch: batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def run_batches(
+    smoke: bool,
+    sizes: list[int],
+    new_tokens: int,
+    n_images: int,
+    image_size: int,
+    budget_s: float = 420.0,
+    check_tokens: int = 32,
+    static: bool | None = None,
+    max_cache_len: int = MAX_CACHE_LEN,
+    json_out: str | None = None,
+) -> dict[str, Any]:
+    """Batch mode: the same model decodes 1, 2, 4, … studies at once; studies/hour per batch size.
+
+    Each batch holds ``b`` different studies (different images and prompt lengths), left-padded as the
+    node's transformers backend pads them, decoded greedily with exactly ``new_tokens`` tokens per row.
+    On CUDA the decoding step runs from a static KV cache (one ``max_cache_len``) and is compiled; the
+    first run of each batch size pays the compilation and is reported apart from the timed run.  Batch
+    sizes whose projected cost no longer fits ``budget_s`` (seconds since the script started) are
+    skipped, not killed.  Correctness: every batch row is compared with its study decoded alone — all
+    ``new_tokens`` tokens and required equal in ``smoke`` (fp32 CPU); the first ``check_tokens`` tokens,
+    reported only, on CUDA (bf16 rounding differs with the batch shape).  ``static`` (default: on CUDA
+    only) decodes from the static cache; transformers compiles the step on CUDA only, so a CPU smoke run
+    with ``static=True`` checks the static cache with left-padded rows, uncompiled.
+    """
+    import transformers
+
+    if 1 not in sizes:
+        sizes = [1, *sizes]
+        _log("batch 1 added: it is the reference of the ratios")
+    device = torch.device("cpu" if smoke else "cuda")
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke for the CPU check")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    static = device.type == "cuda" if static is None else static
+    compiled = static and device.type == "cuda"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    _log(
+        f"python {sys.version.split()[0]} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+        f"transformers {transformers.__version__} | device {card}"
+    )
+    if compiled:
+        from torch._dynamo import config as dynamo_config
+
+        # one compiled variant per batch size at most; keep dynamo from giving up on the later ones
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(64, int(getattr(dynamo_config, name))))
+                break
+
+    t0 = time.perf_counter()
+    tokenizer = _tokenizer()
+    pad_id = int(tokenizer.pad_token_id)
+    studies: list[dict[str, torch.Tensor]] = []
+    study_info: list[dict[str, int]] = []
+    for k in range(max(sizes)):
+        enc, count = _study(tokenizer, k, n_images, image_size)
+        studies.append(enc)
+        study_info.append({"study": k, "images": count, "prompt_tokens": int(enc["input_ids"].shape[1])})
+    longest = max(s["prompt_tokens"] for s in study_info)
+    if static and longest + new_tokens > max_cache_len:
+        raise SystemExit(f"{longest} prompt + {new_tokens} new tokens exceed max_cache_len {max_cache_len}")
+    _log(f"studies: prompt tokens {[s['prompt_tokens'] for s in study_info]}, "
+         f"images {[s['images'] for s in study_info]}")
+    model = _build_model(CONFIG_SMOKE if smoke else CONFIG_7B, tokenizer, device, dtype)
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"model built in {build_s:.1f} s ({n_params / 1e9:.2f} B parameters, {dtype})")
+
+    gen: dict[str, Any] = {
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": pad_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if static:
+        gen["cache_implementation"] = "static"
+        if hasattr(transformers.GenerationConfig(), "max_cache_len"):
+            gen["max_cache_len"] = max_cache_len
+
+    def generate(inputs: dict[str, torch.Tensor], tokens: int) -> tuple[torch.Tensor, float]:
+        inputs = {key: v.to(device) for key, v in inputs.items()}
+        _sync(device)
+        t = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **gen)
+        _sync(device)
+        seconds = time.perf_counter() - t
+        generated = out[:, int(inputs["input_ids"].shape[1]):].cpu()
+        if generated.shape[1] != tokens:
+            raise SystemExit(f"generated {generated.shape[1]} tokens, expected {tokens}")
+        return generated, seconds
+
+    match_tokens = new_tokens if smoke else min(check_tokens, new_tokens)
+    solo: dict[int, list[int]] = {}
+    solo_s = 0.0  # seconds per study decoded alone (the reference runs)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+
+    def summary() -> dict[str, Any]:
+        return {
+            "mode": "batch",
+            "device": card,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "dtype": str(dtype).removeprefix("torch."),
+            "decode_mode": (f"static cache (max_cache_len {max_cache_len})" + (" + compiled step" if compiled else ""))
+            if static else "eager (dynamic cache)",
+            "new_tokens": new_tokens,
+            "images_per_study": n_images,
+            "image_size": image_size,
+            "budget_s": budget_s,
+            "build_s": round(build_s, 1),
+            "studies": study_info,
+            "batches": rows,
+            "skipped": skipped,
+            "failed": failed,
+            "check": {
+                "tokens_compared": match_tokens,
+                "required": smoke,
+                "all_rows_match": all(r["rows_matching_solo"] == r["batch"] for r in rows),
+            },
+            "elapsed_s": round(time.perf_counter() - _T0, 1),
+        }
+
+    def measure(b: int) -> dict[str, Any]:
+        nonlocal solo_s
+        batch = _collate(studies[:b], pad_id)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _, first_s = generate(batch, new_tokens)  # compiles the step for this batch shape on CUDA
+        _, prefill_s = generate(batch, 1)
+        out, seconds = generate(batch, new_tokens)
+        peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+        # each study alone (batch 1: its compiled step is reused on CUDA) as the reference of its row
+        t = time.perf_counter()
+        missing = [k for k in range(b) if k not in solo]
+        for k in missing:
+            solo[k] = generate(studies[k], match_tokens)[0][0].tolist()
+        if missing:
+            solo_s = (time.perf_counter() - t) / len(missing)
+        return {
+            "batch": b,
+            "padded_prompt_tokens": int(batch["input_ids"].shape[1]),
+            "seconds": round(seconds, 3),
+            "prefill_s": round(prefill_s, 4),
+            "studies_per_hour": round(b * 3600 / seconds, 1),
+            "decode_tokens_per_s": round(b * (new_tokens - 1) / max(seconds - prefill_s, 1e-9), 1),
+            "peak_gpu_memory_gib": peak,
+            "first_run_s": round(first_s, 2),
+            "compile_s": round(max(first_s - seconds, 0.0), 1) if compiled else None,
+            "rows_matching_solo": sum(out[k, :match_tokens].tolist() == solo[k][:match_tokens] for k in range(b)),
+        }
+
+    with torch.inference_mode():
+        for b in sizes:
+            elapsed = time.perf_counter() - _T0
+            if rows:
+                last = rows[-1]
+                # compile + one decode (as the last size's first run), prefill and timed run scaled by the
+                # batch growth, the new studies alone
+                projected = last["first_run_s"] + (last["prefill_s"] + last["seconds"]) * b / last["batch"]
+                projected += (b - len(solo)) * solo_s
+                if elapsed + projected > budget_s:
+                    _log(f"batch {b}: skipped: budget ({elapsed:.0f} s elapsed + ~{projected:.0f} s projected "
+                         f"> {budget_s:.0f} s)")
+                    skipped.append({"batch": b, "reason": "budget", "elapsed_s": round(elapsed, 1),
+                                    "projected_s": round(projected, 1)})
+                    continue
+            try:
+                row = measure(b)
+            except Exception as exc:
+                # out of memory, a compilation failure: recorded as this size's result (traceback
+                # printed, exit status 1), the other sizes still run
+                _log(f"batch {b}: FAILED: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                failed.append({"batch": b, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            reference = rows[0] if rows and rows[0]["batch"] == 1 else row if b == 1 else None
+            row["ratio_to_batch1"] = (
+                round(row["studies_per_hour"] / reference["studies_per_hour"], 2) if reference else None
+            )
+            rows.append(row)
+            _log(
+                f"batch {b}: {row['seconds']:.2f} s, {row['studies_per_hour']} studies/h, "
+                f"{row['decode_tokens_per_s']} decode tok/s, ratio {row['ratio_to_batch1']}, "
+                f"rows = alone {row['rows_matching_solo']}/{b}"
+                + (f", compile {row['compile_s']} s" if compiled else "")
+                + (f", peak {row['peak_gpu_memory_gib']} GiB" if device.type == "cuda" else "")
+            )
+            if json_out:  # a run cut short still leaves what it measured
+                with open(json_out, "w", encoding="utf-8") as f:
+                    json.dump(summary(), f, indent=1)
+    result = summary()
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    _log(json.dumps(result, indent=1))
+    _log(_table(rows, skipped, failed))
+    if smoke and not result["check"]["all_rows_match"]:
+        raise SystemExit("batch rows differ from the studies decoded alone (fp32 CPU): padding is wrong")
+    if smoke and failed:
+        raise SystemExit(f"batch sizes failed: {[f['batch'] for f in failed]}")
+    return result
+
+
+def _table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
+    head = "| batch | s / batch | studies / h | decode tok/s (all rows) | peak GiB | compile s | ratio | rows = alone |"
+    lines = [head, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['seconds']:.2f} | {r['studies_per_hour']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else '-'} | "
+            f"{r['compile_s'] if r['compile_s'] is not None else '-'} | "
+            f"{r['ratio_to_batch1'] if r['ratio_to_batch1'] is not None else '-'} | "
+            f"{r['rows_matching_solo']}/{r['batch']} |"
+        )
+    lines += [f"| {s['batch']} | skipped: budget | | | | | | |" for s in skipped]
+    lines += [f"| {f['batch']} | FAILED ({f['error'][:60]}) | | | | | | |" for f in failed]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU (seconds)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens to decode (600; smoke 16)")
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=None, help="px (512; smoke 112)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens to decode per study (600, batch mode 400; smoke 16, batch smoke 8)")
+    parser.add_argument("--images", type=int, default=None, help="images per study (4, batch mode 3)")
+    parser.add_argument("--image-size", type=int, default=None, help="px (512, batch mode 448; smoke 112)")
     parser.add_argument("--json-out", default=None, help="also write the result as JSON here")
-    parser.add_argument("--static", action="store_true", help="also decode with a static cache (compiled step)")
+    parser.add_argument("--static", action="store_true",
+                        help="also decode with a static cache (compiled step); batch mode: static on CPU too")
+    parser.add_argument("--batch", default=None, metavar="SIZES",
+                        help="batch mode: decode this many studies at once, e.g. 1,2,4,8 (static cache on CUDA)")
+    parser.add_argument("--max-cache-len", type=int, default=MAX_CACHE_LEN,
+                        help=f"batch mode: static KV cache length ({MAX_CACHE_LEN}; the node's default is 8192)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="batch mode: skip batch sizes that would end later than this many seconds (420)")
     args = parser.parse_args(argv)
-    new_tokens = args.new_tokens or (16 if args.smoke else 600)
-    image_size = args.image_size or (112 if args.smoke else 512)
-    result = run(args.smoke, new_tokens, args.images, image_size, static=args.static)
+    if args.batch is not None:
+        try:
+            sizes = _parse_sizes(args.batch)
+        except ValueError as exc:
+            parser.error(str(exc))
+        result = run_batches(
+            args.smoke,
+            sizes,
+            args.new_tokens or (8 if args.smoke else 400),
+            args.images or 3,
+            args.image_size or (112 if args.smoke else 448),
+            budget_s=args.budget_s,
+            static=True if args.static else None,
+            max_cache_len=args.max_cache_len,
+            json_out=args.json_out,
+        )
+        return 1 if result["failed"] else 0
+    else:
+        new_tokens = args.new_tokens or (16 if args.smoke else 600)
+        image_size = args.image_size or (112 if args.smoke else 512)
+        result = run(args.smoke, new_tokens, args.images or 4, image_size, static=args.static)
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
