@@ -193,11 +193,15 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
     B`` (else the defaults)."""
     from dicom_node.jobs.sqlite import SQLiteJobStore
 
-    mode, *threads = label.split(":")
+    head, *threads = label.split(":")
+    mode, _, workers_s = head.partition("/")  # 'zero/2': two worker processes (leases share the queue)
+    workers = int(workers_s) if workers_s else 1
     export_threads = int(threads[0]) if threads and threads[0] else None
     analysis_threads = int(threads[1]) if len(threads) > 1 else None
     max_batch = int(threads[2]) if len(threads) > 2 else None
-    name = label.replace(":", "-x")  # (a folder name)
+    name = label.replace(":", "-x").replace("/", "-w")  # (a folder name; a label run twice gets a second one)
+    while (tmp / f"node-{name}").exists():
+        name += "-again"
     data = tmp / f"node-{name}"
     port = free_port()
     dest_dir = tmp / f"dest-{name}"
@@ -222,9 +226,10 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
     procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node", command, "--config", str(cfg)],
                                   stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
     wait_port(port, 120)
-    if mode == "zero":
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "zero_worker.py"), str(cfg),
-                                       "--forever"], stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
+    for _ in range(workers if mode == "zero" else workers - 1 if mode == "demo" else 0):
+        worker = ([str(REPO / "benchmarks" / "zero_worker.py"), str(cfg), "--forever"] if mode == "zero"
+                  else ["-m", "dicom_node", "worker", "--config", str(cfg)])  # beside serve's own worker
+        procs.append(subprocess.Popen([sys.executable, *worker], stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
     if mode != "ingest":  # a department's node is running before its day starts: the model is loaded
         from dicom_node.work.heartbeat import heartbeat_path, read_heartbeat
 
@@ -262,6 +267,7 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
         end = time.time()
         jobs = {j.study_instance_uid: j for j in store.jobs()}
         rows = []
+        last_ack = 0.0
         for s in studies:
             j = jobs[s.uid]
             row: dict[str, object] = {"job": j.id, "kind": s.kind, "instances": len(s.paths), "state": j.state.value}
@@ -270,6 +276,7 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
                 t = j.timings
                 last = j.last_received_at or 0.0
                 acked = max(delivered) if delivered else end
+                last_ack = max(last_ack, acked)
                 row.update(latency_s=acked - last, quiet_s=(j.completed_at or last) - last,
                            wait_s=t.get("inferring", 0) - (j.completed_at or 0),
                            analysis_s=t.get("reporting", 0) - t.get("inferring", 0),
@@ -287,7 +294,8 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
                 p.kill()
         logf.close()
     # the last study's quiet period is the completeness policy, not work: it is reported on its own
-    span = (end - QUIET_S if mode != "ingest" else sent.last_sent) - sent.first_sent
+    # (the last SR acknowledged, not when this loop, polling every 0.2 s, saw it)
+    span = (last_ack - QUIET_S if mode != "ingest" else sent.last_sent) - sent.first_sent
     result: dict[str, object] = {"mode": label, "studies": len(studies), "span_s": round(span, 1),
                                  "studies_per_hour": round(len(studies) * 3600 / span, 1), "rows": rows,
                                  "queue": [(round(t - sent.first_sent, 2), c) for t, c in samples]}
@@ -305,6 +313,33 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
         result["model_s"] = round(statistics.median(predict.values()), 3) if predict else None
         result["node_own_s"] = round(statistics.median(own), 3)
     return result
+
+
+def ratios_of(by: dict[str, dict[str, object]]) -> dict[str, float]:
+    """The goals' ratios between the runs of one repeat (same studies, same process, minutes apart)."""
+    def rate(label: str) -> float:
+        return float(by[label]["studies_per_hour"])  # type: ignore[arg-type]
+
+    ratios: dict[str, float] = {}
+    for label in by:  # the node's own work (zero-latency model; '/2': two worker processes) vs ingest alone
+        if label.split(":")[0].split("/")[0] == "zero":
+            ratios[f"{label}_vs_ingest_studies_per_hour"] = round(rate(label) / rate("ingest"), 2)
+    for label, res in by.items():  # the node's own time per study ÷ the model's, every demo run
+        if label.startswith("demo") and res.get("model_s"):
+            ratios[f"node_own_time_vs_model_time_{label}"] = round(
+                float(res["node_own_s"]) / float(res["model_s"]), 3)  # type: ignore[arg-type]
+    for kind in ("zero", "demo"):  # the next study read beside the model vs one study at a time
+        if f"{kind}:1:2" in by and f"{kind}:1:1" in by:
+            ratios[f"{kind}_two_analysis_threads_vs_one_studies_per_hour"] = round(
+                rate(f"{kind}:1:2") / rate(f"{kind}:1:1"), 2)
+    for label in by:  # batched decoding: [model] max_batch B (B analysis threads) vs one study at a time
+        parts = label.split(":")
+        if parts[0] == "demo" and len(parts) == 4 and "demo:1:1" in by:
+            ratios[f"demo_batch_{parts[3]}_vs_batch_1_studies_per_hour"] = round(rate(label) / rate("demo:1:1"), 2)
+    for kind in ("zero", "demo"):  # export threads vs results sent before the next analysis
+        if kind in by and f"{kind}:0" in by:
+            ratios[f"{kind}_export_threads_vs_inline_studies_per_hour"] = round(rate(kind) / rate(f"{kind}:0"), 2)
+    return ratios
 
 
 def _predict_seconds(log: Path) -> dict[int, float]:
@@ -355,6 +390,7 @@ def main() -> int:
                          "max_batch 4")
     ap.add_argument("--quick", action="store_true", help="smaller studies (a smoke run)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=1, help="run every mode this many times, taking turns")
     ap.add_argument("--dest-delay-ms", type=float, default=0.0,
                     help="destination: a pynetdicom SCP taking this long per C-STORE instead of storescp")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (studies, node data, logs)")
@@ -365,42 +401,40 @@ def main() -> int:
     try:
         print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
         studies = make_workload(tmp, args.studies, args.quick, args.seed)
-        results = []
-        for mode in ["ingest", *[m for m in args.models.split(",") if m]]:
-            res = run_one(tmp, mode, studies, args.senders, args.seed, args.dest_delay_ms)
-            results.append(res)
-            line = f"{mode:<8} {res['studies_per_hour']:>8} studies/h over {res['span_s']} s"
-            if mode != "ingest":
-                line += (f"; last instance → SR acknowledged, quiet excluded: p50 {res['p50_s']} s, p95 "
-                         f"{res['p95_s']} s, p99 {res['p99_s']} s (quiet {res['quiet_s']} s); stages "
-                         f"{res['stage_share']}; per study: model {res['model_s']} s, node's own {res['node_own_s']} s")
-            print(line, flush=True)
-        by = {str(r["mode"]): r for r in results}
-        ratios: dict[str, float] = {}
-        if "zero" in by:
-            ratios["zero_vs_ingest_studies_per_hour"] = round(
-                float(by["zero"]["studies_per_hour"]) / float(by["ingest"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
-        if "demo" in by and by["demo"].get("model_s"):
-            ratios["node_own_time_vs_model_time_demo"] = round(
-                float(by["demo"]["node_own_s"]) / float(by["demo"]["model_s"]), 3)  # type: ignore[arg-type]
-        for kind in ("zero", "demo"):  # the next study read beside the model vs one study at a time, same run
-            if f"{kind}:1:2" in by and f"{kind}:1:1" in by:
-                ratios[f"{kind}_two_analysis_threads_vs_one_studies_per_hour"] = round(
-                    float(by[f"{kind}:1:2"]["studies_per_hour"]) / float(by[f"{kind}:1:1"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
-        for label in by:  # batched decoding: [model] max_batch B (B analysis threads) vs one study at a time
-            parts = label.split(":")
-            if parts[0] == "demo" and len(parts) == 4 and "demo:1:1" in by:
-                ratios[f"demo_batch_{parts[3]}_vs_batch_1_studies_per_hour"] = round(
-                    float(by[label]["studies_per_hour"]) / float(by["demo:1:1"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
-        for kind in ("zero", "demo"):  # export threads vs results sent before the next analysis, same run
-            if kind in by and f"{kind}:0" in by:
-                ratios[f"{kind}_export_threads_vs_inline_studies_per_hour"] = round(
-                    float(by[kind]["studies_per_hour"]) / float(by[f"{kind}:0"]["studies_per_hour"]), 2)  # type: ignore[arg-type]
-        print("ratios:", ratios, flush=True)
+        modes = ["ingest", *[m for m in args.models.split(",") if m]]
+        results: list[dict[str, object]] = []
+        per_repeat: list[dict[str, float]] = []
+        for rep in range(args.repeats):
+            # the runs take turns, in reverse order every other repeat (so no mode is always first or last)
+            order = modes if rep % 2 == 0 else [modes[0], *reversed(modes[1:])]
+            run = {}
+            for mode in order:
+                res = run_one(tmp, mode, studies, args.senders, args.seed + rep, args.dest_delay_ms)
+                res["repeat"] = rep
+                results.append(res)
+                run[mode] = res
+                line = (f"[{rep + 1}/{args.repeats}] {mode:<8} {res['studies_per_hour']:>8} studies/h over "
+                        f"{res['span_s']} s")
+                if mode != "ingest":
+                    line += (f"; last instance → SR acknowledged, quiet excluded: p50 {res['p50_s']} s, p95 "
+                             f"{res['p95_s']} s, p99 {res['p99_s']} s (quiet {res['quiet_s']} s); stages "
+                             f"{res['stage_share']}; per study: model {res['model_s']} s, node's own "
+                             f"{res['node_own_s']} s")
+                print(line, flush=True)
+            per_repeat.append(ratios_of(run))
+            print(f"[{rep + 1}/{args.repeats}] ratios: {per_repeat[-1]}", flush=True)
+        ratios = {k: {"median": round(statistics.median(r[k] for r in per_repeat), 3),
+                      "range": [min(r[k] for r in per_repeat), max(r[k] for r in per_repeat)],
+                      "runs": [r[k] for r in per_repeat]}
+                  for k in per_repeat[0]}
+        print("ratios over the repeats (median, range):", flush=True)
+        for k, v in ratios.items():
+            print(f"  {k}: {v['median']} ({v['range'][0]}–{v['range'][1]})", flush=True)
         args.json.write_text(json.dumps({"studies": args.studies, "senders": args.senders, "quick": args.quick,
+                                         "repeats": args.repeats,
                                          "results": [{k: v for k, v in r.items() if k != "queue"} for r in results],
                                          "ratios": ratios}, indent=1))
-        plot(results, args.plot)
+        plot([r for r in results if r["repeat"] == 0], args.plot)
         print(f"results in {args.json}, plot in {args.plot}")
     finally:
         if args.keep:
