@@ -277,7 +277,8 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
                 last = j.last_received_at or 0.0
                 acked = max(delivered) if delivered else end
                 last_ack = max(last_ack, acked)
-                row.update(latency_s=acked - last, quiet_s=(j.completed_at or last) - last,
+                row.update(completed_at=j.completed_at or last, reporting_at=t.get("reporting"),
+                           latency_s=acked - last, quiet_s=(j.completed_at or last) - last,
                            wait_s=t.get("inferring", 0) - (j.completed_at or 0),
                            analysis_s=t.get("reporting", 0) - t.get("inferring", 0),
                            write_s=t.get("exporting", 0) - t.get("reporting", 0),
@@ -307,12 +308,53 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
         stages = {k: sum(float(r[k]) for r in rows) for k in ("wait_s", "analysis_s", "write_s", "export_s")}  # type: ignore[arg-type]
         total = sum(stages.values()) or 1.0
         result["stage_share"] = {k[:-2]: round(v / total, 3) for k, v in stages.items()}
-        predict = _predict_seconds(tmp / f"node-{name}.log")
+        seconds = _stage_seconds(tmp / f"node-{name}.log")
+        predict = {job: s["predict"] for job, s in seconds.items()}
         own = [float(r["analysis_s"]) + float(r["write_s"]) + float(r["export_s"])  # type: ignore[arg-type]
                - predict.get(int(r["job"]), 0.0) for r in rows]  # type: ignore[call-overload]
         result["model_s"] = round(statistics.median(predict.values()), 3) if predict else None
         result["node_own_s"] = round(statistics.median(own), 3)
+        if mode == "demo" and seconds:
+            result.update(model_stall(rows, seconds))
+    for r in rows:
+        r.pop("completed_at", None)
+        r.pop("reporting_at", None)
     return result
+
+
+def model_stall(rows: list[dict[str, object]], seconds: dict[int, dict[str, float]]) -> dict[str, float]:
+    """How long the model waited for the node while a study was ready for it.
+
+    Each study's model call is placed in time from its job's ``reporting`` transition less the report
+    stage (``seconds``, from the worker's log); a study is *ready* from its completion until its model call
+    starts.  The model *stalls* when it computes nothing while some study is ready: time the node's own
+    work (reading, preprocessing, a lock, a claim) keeps it waiting — the node's own time per study as the
+    model sees it under load.  Rows of one batch share their call.  1 ms grid.
+    """
+    import numpy as np
+
+    calls, ready = [], []
+    for r in rows:
+        job, done = int(r["job"]), r.get("reporting_at")  # type: ignore[call-overload]
+        if job not in seconds or done is None:
+            continue
+        end = float(done) - seconds[job].get("report", 0.0)  # type: ignore[arg-type]
+        start = end - seconds[job]["predict"]
+        calls.append((start, end))
+        ready.append((float(r["completed_at"]), start))  # type: ignore[arg-type]
+    if not calls:
+        return {}
+    t0 = min(a for a, _ in ready + calls)
+    n = int((max(b for _, b in calls) - t0) * 1000) + 2
+    busy, waiting = np.zeros(n, bool), np.zeros(n, bool)
+    for grid, spans in ((busy, calls), (waiting, ready)):
+        for a, b in spans:
+            grid[int((a - t0) * 1000): max(int((b - t0) * 1000), int((a - t0) * 1000))] = True
+    busy_s = busy.sum() / 1000
+    stall_s = (waiting & ~busy).sum() / 1000
+    return {"model_busy_s": round(float(busy_s), 2), "model_stall_s": round(float(stall_s), 2),
+            "model_stall_per_study_s": round(float(stall_s) / len(calls), 3),
+            "model_busy_per_study_s": round(float(busy_s) / len(calls), 3)}
 
 
 def ratios_of(by: dict[str, dict[str, object]]) -> dict[str, float]:
@@ -328,6 +370,9 @@ def ratios_of(by: dict[str, dict[str, object]]) -> dict[str, float]:
         if label.startswith("demo") and res.get("model_s"):
             ratios[f"node_own_time_vs_model_time_{label}"] = round(
                 float(res["node_own_s"]) / float(res["model_s"]), 3)  # type: ignore[arg-type]
+        if label.startswith("demo") and res.get("model_busy_s"):  # the same, as the model sees it under load
+            ratios[f"model_stall_vs_model_busy_{label}"] = round(
+                float(res["model_stall_s"]) / float(res["model_busy_s"]), 3)  # type: ignore[arg-type]
     for kind in ("zero", "demo"):  # the next study read beside the model vs one study at a time
         if f"{kind}:1:2" in by and f"{kind}:1:1" in by:
             ratios[f"{kind}_two_analysis_threads_vs_one_studies_per_hour"] = round(
@@ -342,9 +387,10 @@ def ratios_of(by: dict[str, dict[str, object]]) -> dict[str, float]:
     return ratios
 
 
-def _predict_seconds(log: Path) -> dict[int, float]:
-    """The model's own time per job: ``predict`` of the worker's "results written" log lines."""
-    out: dict[int, float] = {}
+def _stage_seconds(log: Path) -> dict[int, dict[str, float]]:
+    """The pipeline's stage seconds per job (``predict``: the model's own time), from the worker's
+    "results written" log lines."""
+    out: dict[int, dict[str, float]] = {}
     for line in log.read_text(errors="replace").splitlines():
         if '"results written"' not in line:
             continue
@@ -354,7 +400,7 @@ def _predict_seconds(log: Path) -> dict[int, float]:
             continue
         secs = rec.get("seconds") or {}
         if "predict" in secs and "job" in rec:
-            out[int(rec["job"])] = float(secs["predict"])
+            out[int(rec["job"])] = {k: float(v) for k, v in secs.items()}
     return out
 
 
@@ -419,7 +465,9 @@ def main() -> int:
                     line += (f"; last instance → SR acknowledged, quiet excluded: p50 {res['p50_s']} s, p95 "
                              f"{res['p95_s']} s, p99 {res['p99_s']} s (quiet {res['quiet_s']} s); stages "
                              f"{res['stage_share']}; per study: model {res['model_s']} s, node's own "
-                             f"{res['node_own_s']} s")
+                             f"{res['node_own_s']} s"
+                             + (f"; model busy {res['model_busy_s']} s, stalled {res['model_stall_s']} s while a study "
+                                "was ready" if "model_busy_s" in res else ""))
                 print(line, flush=True)
             per_repeat.append(ratios_of(run))
             print(f"[{rep + 1}/{args.repeats}] ratios: {per_repeat[-1]}", flush=True)
