@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A department's day through the node (benchmarks/load.py): mixed studies from concurrent senders, end to end.
-#   benchmarks/load.sh                 24 studies, 6 senders, ingest + zero-latency model + demo model
+#   benchmarks/load.sh                 24 studies, 6 senders, 3 repeats: ingest, zero-latency model, demo model
+#                                      with 1 and 2 analysis threads and batches of 4 (about 15 minutes)
 #   benchmarks/load.sh --quick         smaller studies (a smoke run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
