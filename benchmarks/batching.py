@@ -116,8 +116,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="spinemed-batching-") as tmp:
         backend = DemoBackend(ModelSettings(backend="demo", path=model_dir, max_batch=max(sizes)), data_dir=Path(tmp))
         inputs = make_inputs(Path(tmp), backend)
+        images = {k: sorted({len(i.images) for i in v}) for k, v in inputs.items()}
         print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; torch threads "
-              f"{backend.num_threads}; prompts {sorted({k: None for k in inputs})}", flush=True)
+              f"{backend.num_threads}; images per study {images}", flush=True)
         backend.analyze(inputs["DX"][0])  # warm-up: first-call costs are not batching
         report: dict[str, Any] = {"studies": args.studies, "sizes": sizes, "repeats": args.repeats, "mixes": {}}
         for mix in args.mix.split(","):
