@@ -11,7 +11,8 @@ node with a real destination (dcmtk ``storescp``).  Runs on the same studies, in
 * ``zero``   — ``spinemed-node receive`` + a worker with the zero-latency model (``zero_model.py``): the
   node's own throughput and latency (``zero/2``: two worker processes on one queue);
 * ``demo``   — ``spinemed-node serve`` with the tiny demo model (the real transformers + llguidance path);
-  ``demo:E:A:B`` sets ``[worker] export_threads = E``, ``analysis_threads = A`` and ``[model] max_batch = B``.
+  ``demo:E:A:B`` sets ``[worker] export_threads = E``, ``analysis_threads = A`` and ``[model] max_batch = B``
+  (``demo:E:A:B:p`` and ``[model] process = true``: the model in its own process).
 
 For each: studies per hour (first instance sent → last SR acknowledged), p50/p95/p99 of last instance
 received → SR acknowledged with the quiet period excluded (the quiet period is reported on its own), the share
@@ -163,11 +164,12 @@ def send_all(port: int, studies: list[Study], senders: int, seed: int) -> SendLo
 
 # --------------------------------------------------------------------------------------------- the node
 def _toml(data: Path, port: int, dest_port: int | None, model: str, export_threads: int | None = None,
-          analysis_threads: int | None = None, max_batch: int | None = None) -> str:
+          analysis_threads: int | None = None, max_batch: int | None = None, model_process: bool = False) -> str:
     dest = (f'[[destinations]]\nname = "pacs"\nae_title = "SPINEMED"\nhost = "127.0.0.1"\nport = {dest_port}\n'
             if dest_port else "")
     model_t = (f'[model]\nbackend = "demo"\npath = "{os.environ.get("SPINEMED_DEMO_MODEL", REPO / ".models/demo")}"\n'
                + (f"max_batch = {max_batch}\n" if max_batch is not None else "")
+               + ("process = true\n" if model_process else "")
                if model == "demo" else "")
     return (f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n'
             f"max_associations = 64\n[http]\nenabled = false\n"
@@ -204,7 +206,8 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
     workers = int(workers_s) if workers_s else 1
     export_threads = int(threads[0]) if threads and threads[0] else None
     analysis_threads = int(threads[1]) if len(threads) > 1 else None
-    max_batch = int(threads[2]) if len(threads) > 2 else None
+    max_batch = int(threads[2]) if len(threads) > 2 and threads[2] else None
+    model_process = len(threads) > 3 and threads[3] == "p"  # the model in its own process
     name = label.replace(":", "-x").replace("/", "-w")  # (a folder name; a label run twice gets a second one)
     while (tmp / f"node-{name}").exists():
         name += "-again"
@@ -227,7 +230,7 @@ def run_one(tmp: Path, label: str, studies: list[Study], senders: int, seed: int
         wait_port(dest_port)
     cfg = tmp / f"node-{name}.toml"
     cfg.write_text(_toml(data, port, dest_port, "demo" if mode == "demo" else "zero", export_threads,
-                         analysis_threads, max_batch))
+                         analysis_threads, max_batch, model_process))
     command = "serve" if mode == "demo" else "receive"
     procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node", command, "--config", str(cfg)],
                                   stdout=logf, stderr=subprocess.STDOUT, cwd=REPO))
@@ -385,8 +388,8 @@ def ratios_of(by: dict[str, dict[str, object]]) -> dict[str, float]:
                 rate(f"{kind}:1:2") / rate(f"{kind}:1:1"), 2)
     for label in by:  # batched decoding: [model] max_batch B (B analysis threads) vs one study at a time
         parts = label.split(":")
-        if parts[0] == "demo" and len(parts) == 4 and "demo:1:1" in by:
-            ratios[f"demo_batch_{parts[3]}_vs_batch_1_studies_per_hour"] = round(rate(label) / rate("demo:1:1"), 2)
+        if parts[0] == "demo" and len(parts) >= 4 and parts[3] and "demo:1:1" in by:
+            ratios[f"{label}_vs_demo:1:1_studies_per_hour"] = round(rate(label) / rate("demo:1:1"), 2)
     for kind in ("zero", "demo"):  # export threads vs results sent before the next analysis
         if kind in by and f"{kind}:0" in by:
             ratios[f"{kind}_export_threads_vs_inline_studies_per_hour"] = round(rate(kind) / rate(f"{kind}:0"), 2)
