@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _settings(model_dir: Path, **kw: object) -> ModelSettings:
-    return ModelSettings(backend="demo", path=model_dir, max_batch=2, batch_wait_ms=1000, **kw)  # type: ignore[arg-type]
+    return ModelSettings(backend="demo", path=model_dir, max_batch=2, batch_wait_ms=300, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,45 @@ def test_a_model_the_child_cannot_load_raises_its_message(tmp_path: Path) -> Non
 def test_the_openai_backend_ignores_process(tmp_path: Path) -> None:
     model = load_model(ModelSettings(backend="openai", process=True), data_dir=tmp_path)
     assert not isinstance(model, ModelProcess)
+
+
+def test_a_worker_with_the_model_in_a_process_reports_studies_and_stops_it(tmp_path: Path,
+                                                                          demo_model_dir: Path) -> None:
+    """End to end: two studies sent to a node whose worker (two analysis threads) uses ``process = true``;
+    both are reported, and stopping the worker ends the model's process."""
+    from conftest import running_node, storescu
+
+    from dicom_node.config import load_config
+    from dicom_node.errors import JobNotFoundError
+    from dicom_node.jobs.model import JobState
+    from dicom_node.work.pipeline import Pipeline
+
+    cfg = load_config(
+        node={"port": 0, "host": "127.0.0.1", "data_dir": tmp_path / "data", "min_free_disk_mb": 0},
+        http={"enabled": False},
+        completeness={"quiet_seconds": 0.3, "force_seconds": 60, "check_interval_s": 0.1},
+        worker={"poll_interval_s": 0.05, "analysis_threads": 2, "export_threads": 0},
+        model={"backend": "demo", "path": str(demo_model_dir), "max_batch": 2, "batch_wait_ms": 200,
+               "process": True},
+    )
+    pipeline = Pipeline(cfg)
+    studies = [synthetic.make_scoliosis_radiograph(tmp_path / f"s{i}", seed=80 + i, patient_id=f"PROC-{i}")
+               for i in range(2)]
+
+    def final(uid: str) -> object:
+        try:
+            job = node.store.by_study(uid)
+        except JobNotFoundError:
+            return None
+        return job if job.state in (JobState.DONE, JobState.FAILED) else None
+
+    with running_node(cfg, pipeline) as node:
+        for st in studies:
+            assert storescu(node.receiver.port, list(st.paths)).returncode == 0
+        jobs = wait_until(lambda: [final(st.study_instance_uid) for st in studies]
+                          if all(final(st.study_instance_uid) for st in studies) else None, 120, "both reported")
+        model = pipeline.model
+        assert isinstance(model, ModelProcess)
+    assert all(j.state == JobState.DONE for j in jobs), [(j.state, j.reason) for j in jobs]
+    process = model._process
+    assert process is not None and not process.is_alive(), "the worker closed the model's process"
