@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 import time
@@ -88,6 +89,9 @@ class ModelProcess:
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()  # guards _slots, _alive, _closed
         self._start_lock = threading.Lock()  # one (re)start at a time
+        # one thread at a time reaps a child: two joining at once race in waitpid, and the loser may see a
+        # reaped child as alive
+        self._reap_lock = threading.Lock()
         self._slots: dict[int, queue.SimpleQueue[Any]] = {}
         self._alive = False
         self._closed = False
@@ -150,13 +154,15 @@ class ModelProcess:
                 slot = self._slots.get(message[1])
             if slot is not None:  # else its caller gave up: the late answer is dropped
                 slot.put(message)
-        process.join(timeout=5)
+        with self._reap_lock:
+            process.join(timeout=5)
+            exitcode = process.exitcode
         with self._state_lock:
             closed = self._closed
             if self._process is process:
                 self._alive = False
             slots = list(self._slots.values())
-        reason = "closed" if closed else f"exited (exit code {process.exitcode})"
+        reason = "closed" if closed else f"exited (exit code {exitcode})"
         if not closed:
             _log.warning("model process %d %s", process.pid, reason)
         for slot in slots:
@@ -280,7 +286,8 @@ class ModelProcess:
             if conn is not None and process is not None:
                 with self._send_lock, contextlib.suppress(OSError, ValueError):  # already gone: nothing to stop
                     conn.send(("stop",))
-                _stop_process(process, conn)
+                with self._reap_lock:
+                    _stop_process(process, conn)
 
 
 def _stop_process(process: BaseProcess, conn: Connection) -> None:
@@ -327,6 +334,7 @@ def _rebuild(sent: Any) -> BaseException:
 # ------------------------------------------------------------------------------------------ the child
 def _serve(conn: Connection, settings: ModelSettings, data_dir: Path, log_level: int) -> None:
     """The child's main function: load the model, then serve requests until ``stop`` or end of file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s [model process] %(levelname)s %(name)s: %(message)s")
     from inference.backends import load_model
