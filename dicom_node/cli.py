@@ -90,7 +90,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         config.node.data_dir = args.data_dir
     study = load_study(args.paths)
-    outcome = Pipeline(config).run(study)
+    pipeline = Pipeline(config)
+    try:
+        outcome = pipeline.run(study)
+    finally:
+        pipeline.close()
     args.out.mkdir(parents=True, exist_ok=True)
     if outcome.skipped_reason:
         print(f"skipped: {outcome.skipped_reason}")

@@ -63,4 +63,9 @@ class ModelSettings(BaseModel):
     max_cache_len: int = Field(
         default=8192, ge=256, le=131072, description="static cache size: prompt + max_new_tokens must fit"
     )
+    process: bool = Field(
+        default=False,
+        description="run the transformers/demo model in its own process so the worker's other threads never hold "
+        "up its decoding loop (GIL); the openai backend ignores it",
+    )
     openai: OpenAISettings = Field(default_factory=OpenAISettings)

@@ -114,6 +114,12 @@ class Pipeline:
             self._model = load_model(self.config.model, data_dir=self.config.node.data_dir)
         return self._model
 
+    def close(self) -> None:
+        """Release the model if it holds resources of its own (``[model] process``: stop its process)."""
+        close = getattr(self._model, "close", None)
+        if callable(close):
+            close()
+
     def output_options(self) -> OutputOptions:
         from sr_templates import OutputOptions
 

@@ -225,6 +225,7 @@ class Worker:
         finally:
             self.heartbeat.stop()
             self.audit.close()
+            self.pipeline.close()
 
     def run_once(self, *, export_inline: bool = True, owner: str | None = None) -> bool:
         """Claim and work one job; ``False`` when there was nothing to do.

@@ -4,6 +4,9 @@
 * ``demo`` — the tiny random model of the same architecture, built locally, same code path;
 * ``openai`` — any OpenAI-compatible chat-completions server (vLLM, ``transformers serve``).
 
+With ``[model] process = true`` the ``transformers`` and ``demo`` backends run in a child process of their own
+(:class:`inference.backends.process.ModelProcess`), out of reach of the worker's other threads' GIL.
+
 Backends are imported lazily so that a node using ``openai`` does not import torch.
 """
 
@@ -32,7 +35,8 @@ def load_model(settings: ModelSettings, *, data_dir: Path) -> SpineModel:
     Returns
     -------
     SpineModel
-        A loaded backend.
+        A loaded backend (a :class:`~inference.backends.process.ModelProcess` with ``settings.process``:
+        call its ``close()`` at shutdown).
 
     Raises
     ------
@@ -40,6 +44,10 @@ def load_model(settings: ModelSettings, *, data_dir: Path) -> SpineModel:
         The model could not be loaded (or, for ``openai``, the settings are unusable).
     """
     data_dir = Path(data_dir)
+    if settings.process and settings.backend != "openai":
+        from inference.backends.process import ModelProcess
+
+        return ModelProcess(settings, data_dir=data_dir)
     if settings.backend == "demo":
         from inference.backends.demo import DemoBackend
 
