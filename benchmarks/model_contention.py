@@ -6,7 +6,7 @@ thread does), for the in-process backend and for :class:`inference.backends.proc
 
 Usage::
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python scripts/model_contention.py --model .models/demo [--repeats 3]
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/model_contention.py --model .models/demo [--repeats 3]
 """
 
 from __future__ import annotations
