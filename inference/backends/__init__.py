@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference.errors import BackendUnavailableError
+from inference.backends.loading import load_in_process
 from inference.inputs import SpineModel
 from inference.settings import ModelSettings
 
-__all__ = ["load_model"]
+__all__ = ["load_in_process", "load_model"]
 
 
 def load_model(settings: ModelSettings, *, data_dir: Path) -> SpineModel:
@@ -48,16 +48,4 @@ def load_model(settings: ModelSettings, *, data_dir: Path) -> SpineModel:
         from inference.backends.process import ModelProcess
 
         return ModelProcess(settings, data_dir=data_dir)
-    if settings.backend == "demo":
-        from inference.backends.demo import DemoBackend
-
-        return DemoBackend(settings, data_dir=data_dir)
-    if settings.backend == "transformers":
-        from inference.backends.transformers_backend import TransformersBackend
-
-        return TransformersBackend(settings, cache_dir=data_dir / "cache")
-    if settings.backend == "openai":
-        from inference.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(settings, cache_dir=data_dir / "cache")
-    raise BackendUnavailableError(f"model: unknown backend {settings.backend!r}")  # pragma: no cover
+    return load_in_process(settings, data_dir=data_dir)

@@ -70,7 +70,7 @@ class ModelProcess:
     settings
         The ``[model]`` table; the child loads it with ``process`` off (any backend but ``openai``).
     data_dir
-        The node's data directory, passed to :func:`inference.backends.load_model` in the child.
+        The node's data directory, passed to :func:`inference.backends.loading.load_in_process` in the child.
 
     Raises
     ------
@@ -337,10 +337,10 @@ def _serve(conn: Connection, settings: ModelSettings, data_dir: Path, log_level:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s [model process] %(levelname)s %(name)s: %(message)s")
-    from inference.backends import load_model
+    from inference.backends.loading import load_in_process
 
     try:
-        model = load_model(settings, data_dir=data_dir)
+        model = load_in_process(settings, data_dir=data_dir)
         conn.send(("ready", model.identity, model.image_size))
     except Exception as exc:  # whatever stops the load is the parent's error message
         message = str(exc) if isinstance(exc, InferenceError) else f"model: loading failed: {type(exc).__name__}: {exc}"
