@@ -177,6 +177,18 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
+def model_inputs(paths: Any) -> Any:
+    """A phantom study (its files) read and prepared for the model as the pipeline does, default settings."""
+    from inference.backends.qwen_vl import policy_for
+    from inference.preprocess import prepare_inputs
+    from inference.settings import ModelSettings
+    from inference.study import load_study
+
+    study = load_study(list(paths))
+    return prepare_inputs(study, [x.series_instance_uid for x in study.series], ModelSettings(),
+                          policy_for(ModelSettings()))
+
+
 def node_config_text(
     data_dir: Path,
     model_dir: Path,

@@ -13,19 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import running_node, storescu, wait_until
+from conftest import model_inputs, running_node, storescu, wait_until
 
 from dicom_node.config import load_config
 from dicom_node.devtools import phantoms as synthetic
 from inference.backends import load_model
 from inference.backends import transformers_backend as tb
 from inference.backends.demo import DemoBackend
-from inference.backends.qwen_vl import policy_for
 from inference.errors import InferenceError, InferenceTimeoutError
 from inference.inputs import ModelImage, ModelInput
-from inference.preprocess import prepare_inputs
 from inference.settings import ModelSettings
-from inference.study import load_study
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +43,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> list[ModelInput]:
         synthetic.make_lumbar_mr(base / "mr", slices=12, size=192),
         synthetic.make_spine_ct(base / "ct", slices=40, size=192),
     ]
-    out = []
-    for s in made:
-        study = load_study(list(s.paths))
-        out.append(prepare_inputs(study, [x.series_instance_uid for x in study.series], ModelSettings(),
-                                  policy_for(ModelSettings())))
-    return out
+    return [model_inputs(s.paths) for s in made]
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import model_inputs, wait_until
 
 from dicom_node.devtools import phantoms as synthetic
 from dicom_node.errors import is_transient
 from inference.backends import load_model
 from inference.backends.process import ModelProcess
-from inference.backends.qwen_vl import policy_for
 from inference.errors import BackendUnavailableError, InferenceError
 from inference.findings import SpineFindings
 from inference.inputs import ModelImage, ModelInput, SpineModel, Turn
-from inference.preprocess import prepare_inputs
 from inference.settings import ModelSettings
-from inference.study import load_study
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,12 +39,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> list[ModelInput]:
     base = tmp_path_factory.mktemp("phantoms")
     made = [synthetic.make_scoliosis_radiograph(base / "ap", seed=1),
             synthetic.make_lumbar_mr(base / "mr", slices=12, size=192)]
-    out = []
-    for s in made:
-        study = load_study(list(s.paths))
-        out.append(prepare_inputs(study, [x.series_instance_uid for x in study.series], ModelSettings(),
-                                  policy_for(ModelSettings())))
-    return out
+    return [model_inputs(s.paths) for s in made]
 
 
 @pytest.fixture(scope="module")
