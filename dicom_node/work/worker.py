@@ -250,8 +250,7 @@ class Worker:
                     self.store.release(job.id, owner)
                     self._export_due.set()
         except Exception as exc:
-            log.exception("job failed with an internal error", job=job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}", owner)
+            self._internal_error(job, exc, owner)
         return True
 
     def _analysis_loop(self, export_inline: bool) -> None:
@@ -285,8 +284,7 @@ class Worker:
             try:
                 self._export(job, owner)
             except Exception as exc:
-                log.exception("job failed with an internal error", job=job.id)
-                self._fail(job, f"internal error: {type(exc).__name__}: {exc}", owner)
+                self._internal_error(job, exc, owner)
 
     def _consult(self) -> bool:
         """Answer the queued consultation questions; ``False`` when there were none."""
@@ -337,6 +335,12 @@ class Worker:
         except Exception:  # an optimisation only: never let it stop the worker
             log.exception("header prefetch failed")
             return False
+
+    def _internal_error(self, job: Job, exc: Exception, owner: str) -> None:
+        """A bug or an unexpected store error while working ``job`` (called in its ``except`` block): logged
+        with its traceback, and the job failed with the exception as its reason."""
+        log.exception("job failed with an internal error", job=job.id)
+        self._fail(job, f"internal error: {type(exc).__name__}: {exc}", owner)
 
     def _fail(self, job: Job, reason: str, owner: str) -> None:
         current = self.store.get(job.id)

@@ -38,7 +38,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from inference import errors as inference_errors
 from inference.errors import BackendUnavailableError, InferenceError, InferenceTimeoutError
 from inference.findings import ModelIdentity, SpineFindings
 from inference.inputs import ConsultAnswer, ImageSizePolicy, ModelInput, Turn
@@ -319,10 +318,6 @@ def _rebuild(sent: Any) -> BaseException:
     if isinstance(sent, BaseException):
         return sent
     module, name, message = sent
-    if module == inference_errors.__name__:
-        cls = getattr(inference_errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, InferenceError):
-            return cls(message)
     with contextlib.suppress(ImportError):
         cls = getattr(importlib.import_module(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):

@@ -554,6 +554,8 @@ class TransformersBackend:
         config = self.model.config
         self._eos_ids = self._eos_token_ids()
         self._stop_id, self._pad_id = self._stop_and_pad_ids()
+        # after one of these a row of a batch is over: its end, or the padding generate gives it after that
+        self._end_ids = frozenset(self._eos_ids | {self._pad_id})
         is_demo = demo or bool(getattr(config, "spinemed_demo", None))
         digest = weights_digest(self.model_dir, cache_dir=cache_dir)
         self._identity = ModelIdentity(
@@ -754,7 +756,7 @@ class TransformersBackend:
         prompt_length = int(inputs["input_ids"].shape[1])
         probes = [SeverityProbe(self.processor.tokenizer) for _ in rows]
         guide = LLGuidanceLogitsProcessor(self._ll_tokenizer, grammars, prompt_length=prompt_length,
-                                          end_tokens=self._eos_ids | {self._pad_id}, stop_token=self._stop_id,
+                                          end_tokens=self._end_ids, stop_token=self._stop_id,
                                           probes=probes, executor=self._executor)
         stop = DeadlineCriteria([batch[i].deadline for i in rows])
         gen_kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "do_sample": s.temperature > 0,
@@ -805,7 +807,7 @@ class TransformersBackend:
     def _row_outcome(self, tokens: list[int], row: int, guide: LLGuidanceLogitsProcessor, stop: DeadlineCriteria,
                      probe: SeverityProbe, prompt_tokens: int) -> _Answer | InferenceError:
         s = self.settings
-        end = next((j for j, t in enumerate(tokens) if t in self._eos_ids or t == self._pad_id), None)
+        end = next((j for j, t in enumerate(tokens) if t in self._end_ids), None)
         answer_tokens = tokens[:end] if end is not None else tokens
         generated = len(answer_tokens) + (1 if end is not None else 0)
         if stop.expired_rows[row]:
